@@ -1,0 +1,168 @@
+"""An mlx-lm model and Hugging Face tokenizer behind the :class:`~semantic.model.Model` interface.
+
+Model plugins that end with an mlx-lm model directory (GGUF onboarding, local mlx-lm dirs) use
+:func:`load_mlx_lm_dir`. Everything that touches MLX here runs on the MLX worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .detokenize import IncrementalDecoder
+from .model import ChatMessage, Generation, KVState, Model, ModelInfo, SamplingParams
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class HFChatTokenizer:
+    """A Hugging Face tokenizer with the model's chat template."""
+
+    def __init__(self, hf_tokenizer: Any, eos_token_ids: Sequence[int]) -> None:
+        self._tok = hf_tokenizer
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        rendered = self._tok.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        return list(self._tok.encode(rendered, add_special_tokens=False))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self._tok.decode(list(tokens))
+
+    def stream_decoder(self) -> IncrementalDecoder:
+        return IncrementalDecoder(self.decode)
+
+
+class _MLXGeneration(Generation):
+    def __init__(self, model: MLXLMModel, prompt: list[int], caches: list[Any], params: SamplingParams):
+        self._model = model
+        self._prompt = prompt
+        self._caches = caches
+        self._params = params
+        self._generated: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+        from mlx_lm.sample_utils import make_sampler
+
+        p = self._params
+        if p.seed is not None:
+            mx.random.seed(p.seed)
+        sampler = make_sampler(temp=p.temperature, top_p=p.top_p or 0.0, top_k=p.top_k or 0)
+        start = len(self._prompt) - self._suffix_len
+        steps = generate_step(
+            mx.array(self._prompt[start:]),
+            self._model.module,
+            max_tokens=p.max_tokens,
+            sampler=sampler,
+            prompt_cache=self._caches,
+            prefill_step_size=self._model.prefill_step,
+        )
+        for token, _ in steps:
+            self._generated.append(int(token))
+            yield int(token)
+
+    @property
+    def _suffix_len(self) -> int:
+        return len(self._prompt) - self._caches[0].offset
+
+    def kv_state(self) -> KVState | None:
+        import mlx.core as mx
+
+        offset = self._caches[0].offset
+        if offset == 0:
+            return None
+        for c in self._caches:
+            c.keys = c.keys[..., :offset, :]
+            c.values = c.values[..., :offset, :]
+        mx.eval([x for c in self._caches for x in (c.keys, c.values)])
+        tokens = (self._prompt + self._generated)[:offset]
+        return KVState(tuple(tokens), self._caches, offset * self._model.info.kv_bytes_per_token)
+
+
+class MLXLMModel(Model):
+    """An mlx-lm ``nn.Module`` plus tokenizer; caches are lists of per-layer ``KVCache``."""
+
+    def __init__(self, module: Any, tokenizer: HFChatTokenizer, info: ModelInfo, prefill_step: int = 512):
+        self.module = module
+        self.tokenizer = tokenizer
+        self.info = info
+        self.prefill_step = prefill_step
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        prefix: KVState | None,
+        prefix_len: int,
+        params: SamplingParams,
+    ) -> Generation:
+        from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+        caches = make_prompt_cache(self.module)
+        if prefix is not None and prefix_len > 0:
+            if not all(isinstance(c, KVCache) for c in caches):
+                raise RuntimeError("prefix reuse is only implemented for full-attention KV caches")
+            for new, old in zip(caches, prefix.payload, strict=True):
+                # Slicing makes new arrays: the stored prefix is never written through.
+                new.keys = old.keys[..., :prefix_len, :]
+                new.values = old.values[..., :prefix_len, :]
+                new.offset = prefix_len
+        return _MLXGeneration(self, list(prompt), caches, params)
+
+    def close(self) -> None:
+        import gc
+
+        import mlx.core as mx
+
+        self.module = None
+        gc.collect()
+        mx.clear_cache()
+
+
+def kv_bytes_per_token(config: dict[str, Any], dtype: str) -> int:
+    """Bytes of K and V per token over all layers, from an mlx-lm/HF ``config.json``."""
+    layers = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    return 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 4)
+
+
+def load_mlx_lm_dir(
+    path: Path,
+    *,
+    name: str,
+    fingerprint: str,
+    dtype: str = "float32",
+    prefill_step: int = 512,
+) -> MLXLMModel:
+    """Load a local mlx-lm model directory (config.json, *.safetensors, tokenizer files)."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+    from transformers import AutoTokenizer
+
+    config = json.loads((path / "config.json").read_text())
+    module, config = load_model(path)
+    activation_dtype = dtype if dtype in _DTYPE_BYTES else "float16"
+    mx.eval(module.parameters())
+    hf_tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    eos = config.get("eos_token_id", hf_tok.eos_token_id)
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    info = ModelInfo(
+        name=name,
+        fingerprint=fingerprint,
+        context_length=int(config.get("max_position_embeddings") or 2048),
+        kv_bytes_per_token=kv_bytes_per_token(config, activation_dtype),
+        family=str(config.get("model_type", "unknown")),
+    )
+    return MLXLMModel(module, HFChatTokenizer(hf_tok, [e for e in eos_ids if e is not None]), info, prefill_step)

@@ -1,0 +1,146 @@
+"""What the engine needs from a loaded model, whatever plugin loaded it.
+
+A model plugin (see ``register_model_loaders``) returns a :class:`Model`. Everything here except
+:class:`Model.generate` and :class:`Generation` is plain Python that the event loop may call;
+``generate`` and iterating a :class:`Generation` run only on the MLX worker thread.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One protocol-neutral chat message: ``role`` is system, user or assistant."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` is greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """Facts about a loaded model that stages and protocols rely on."""
+
+    name: str
+    fingerprint: str
+    context_length: int
+    kv_bytes_per_token: int
+    family: str = "unknown"
+
+
+@dataclass(slots=True)
+class KVState:
+    """A model's KV cache covering exactly ``tokens``; ``payload`` is the model's own object.
+
+    Nothing outside the model that made it looks inside ``payload``.
+    """
+
+    tokens: tuple[int, ...]
+    payload: Any = None
+    nbytes: int = 0
+
+
+class StreamDecoder(Protocol):
+    """Turns token ids into text incrementally (multi-byte characters held until whole)."""
+
+    def add(self, token: int) -> str:
+        """Take one token, return the text that is now final."""
+
+    def flush(self) -> str:
+        """Return whatever text is still held back."""
+
+
+class ChatTokenizer(Protocol):
+    """The model's tokenizer and chat template."""
+
+    eos_token_ids: frozenset[int]
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Render ``messages`` with the chat template (generation prompt added) into token ids."""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text, no special tokens added."""
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens``."""
+
+    def stream_decoder(self) -> StreamDecoder:
+        """A fresh incremental decoder for one response."""
+
+
+class Generation(ABC):
+    """One running generation: iterate for token ids; then ask for the KV state it left."""
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[int]:
+        """Yield generated token ids until the caller stops iterating (or max_tokens)."""
+
+    @abstractmethod
+    def kv_state(self) -> KVState | None:
+        """The cache after generation: covers the prompt and the tokens fed back so far."""
+
+
+class Model(ABC):
+    """A loaded model. ``generate`` is called only on the MLX worker thread."""
+
+    info: ModelInfo
+    tokenizer: ChatTokenizer
+
+    @abstractmethod
+    def generate(
+        self,
+        prompt: Sequence[int],
+        prefix: KVState | None,
+        prefix_len: int,
+        params: SamplingParams,
+    ) -> Generation:
+        """Start generating after ``prompt``, reusing the first ``prefix_len`` tokens of ``prefix``.
+
+        ``prefix.tokens[:prefix_len] == prompt[:prefix_len]`` and ``prefix_len < len(prompt)``
+        are guaranteed by the caller. ``prefix`` itself must not be modified: other requests may
+        reuse it.
+        """
+
+    def close(self) -> None:
+        """Release what the model holds (weights, buffers). Called on the MLX worker thread."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadContext:
+    """Where a loader is asked to load from: the YAML file's folder and the user's cache folder."""
+
+    name: str
+    base_dir: Any
+    cache_dir: Any
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderSpec:
+    """A model loader a plugin registers: ``load(source, options, context)`` returns a Model.
+
+    ``load`` runs on the MLX worker thread; ``context`` is a :class:`LoadContext`.
+
+    ``options_model`` is the pydantic model the YAML ``model.options`` are validated with.
+    """
+
+    name: str
+    load: Any
+    options_model: Any = None
+    description: str = ""
+    extensions: tuple[str, ...] = field(default=())

@@ -1,0 +1,172 @@
+"""A running pipeline: the model on its worker thread, the stages wired by bounded channels.
+
+``Pipeline.run`` loads the model, builds every stage, connects stage *i*'s outbox to stage
+*i+1*'s inbox and starts each with ``nursery.start`` (so a stage that cannot set up fails the
+start). Protocols call :meth:`Pipeline.submit`; the last stage's items reach the sink, which
+finishes their requests. Closing the entry channel (:meth:`Pipeline.close`) drains and stops the
+stages in order. If a stage crashes, the pipeline fails loudly: the error is logged with its
+traceback, every request in flight gets an error, and :attr:`Pipeline.ready` turns false.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .config import PipelineConfig
+from .errors import ErrorKind, RequestError
+from .items import Generated, Incoming
+from .kv_store import KVStore
+from .model import LoadContext, Model
+from .paths import cache_dir
+from .plugin_manager import Registry
+from .request import Finished, RequestHandle, Usage
+from .stage import Stage, StageContext
+from .worker import MLXWorker
+
+log = logging.getLogger(__name__)
+
+#: Items each channel between two stages may hold before the sender waits (backpressure).
+CHANNEL_BUFFER = 0
+
+
+class State(str, Enum):
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class Pipeline:
+    """One pipeline definition, running."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        registry: Registry,
+        *,
+        base_dir: Path | None = None,
+        model: Model | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.base_dir = base_dir
+        self.state = State.STARTING
+        self.failure: str | None = None
+        self.context = StageContext(limits=config.limits, model=model, accepts_model=config.model.accepts)
+        self.stages: list[Stage] = []
+        self._entry: trio.MemorySendChannel[Incoming] | None = None
+        self._inflight: set[RequestHandle] = set()
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY
+
+    @property
+    def model(self) -> Model:
+        assert self.context.model is not None, "the pipeline has not loaded its model yet"
+        return self.context.model
+
+    def new_request(self) -> RequestHandle:
+        """A request handle sized for this pipeline's output cap."""
+        return RequestHandle(max_events=self.config.limits.max_output_tokens + 16)
+
+    async def submit(self, item: Incoming) -> None:
+        """Hand a request to the first stage; its events then arrive on ``item.request``."""
+        if not self.ready or self._entry is None:
+            raise RequestError(ErrorKind.UNAVAILABLE, f"the pipeline is not ready ({self.state.value})")
+        self._inflight.add(item.request)
+        item.request.on_done(self._inflight.discard)
+        try:
+            await self._entry.send(item)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise RequestError(ErrorKind.UNAVAILABLE, "the pipeline is shutting down") from None
+
+    def close(self) -> None:
+        """Stop taking requests; stages finish what they hold, then end in order."""
+        if self._entry is not None:
+            self._entry.close()
+
+    def build_stages(self) -> list[Stage]:
+        stages = []
+        for spec in self.config.stages:
+            cls = self.registry.stages[spec.type]
+            settings = spec.settings if not isinstance(spec.settings, dict) else cls.Settings.model_validate(spec.settings)
+            stages.append(cls(settings, self.context))
+        return stages
+
+    async def _load_model(self, worker: MLXWorker) -> Model:
+        spec = self.config.model
+        loader = self.registry.loaders[spec.plugin]
+        options = spec.options
+        if loader.options_model is not None and isinstance(options, dict):
+            options = loader.options_model.model_validate(options)
+        context = LoadContext(name=spec.name, base_dir=self.base_dir, cache_dir=cache_dir())
+        log.info("loading model %s with %s", spec.name, spec.plugin)
+        return await worker.call(loader.load, spec.source, options, context)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load, start every stage, report started, then run until closed (or a stage crashes)."""
+        worker = MLXWorker()
+        worker.start()
+        self.context.worker = worker
+        owns_model = self.context.model is None
+        try:
+            if owns_model:
+                self.context.model = await self._load_model(worker)
+            policy = self.registry.policies[self.config.eviction.policy].factory()
+            self.context.store = KVStore(int(self.config.cache.memory_mb * 1024 * 1024), policy)
+            self.stages = self.build_stages()
+            await self._run_stages(task_status)
+        finally:
+            if self.state is not State.FAILED:
+                self.state = State.STOPPED
+            with trio.CancelScope(shield=True):
+                if owns_model and self.context.model is not None:
+                    await worker.call(self.context.model.close)
+                await worker.stop()
+
+    async def _run_stages(self, task_status: trio.TaskStatus[None]) -> None:
+        entry_send, inbox = trio.open_memory_channel[Any](CHANNEL_BUFFER)
+        self._entry = entry_send
+        started = False
+        try:
+            async with trio.open_nursery() as nursery:
+                for stage in self.stages:
+                    send, recv = trio.open_memory_channel[Any](CHANNEL_BUFFER)
+                    await nursery.start(partial(stage.run, inbox, send))
+                    inbox = recv
+                nursery.start_soon(self._sink, inbox)
+                self.state = State.READY
+                started = True
+                task_status.started()
+        except Exception as exc:
+            if not started:
+                raise
+            self._fail(exc)
+
+    async def _sink(self, inbox: trio.MemoryReceiveChannel[Any]) -> None:
+        async with inbox:
+            async for item in inbox:
+                if not isinstance(item, Generated):
+                    raise TypeError(f"the pipeline's end got {type(item).__name__}, not Generated")
+                usage = Usage(
+                    prompt_tokens=len(item.prompt_tokens),
+                    cached_tokens=item.prefix_len if item.prefix is not None else 0,
+                    output_tokens=item.output_tokens,
+                    cache_created_tokens=item.cache_created_tokens,
+                )
+                item.request.push(Finished(item.stop_reason, usage, item.stop_sequence))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.state = State.FAILED
+        self.failure = f"{type(exc).__name__}: {exc}"
+        log.critical("pipeline %r failed; not ready until restarted", self.config.name, exc_info=exc)
+        error = RequestError(ErrorKind.INTERNAL, "the server's pipeline failed; see the server log")
+        for request in list(self._inflight):
+            request.fail(error)

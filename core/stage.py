@@ -1,0 +1,115 @@
+"""The stage contract: a typed task that reads its inbox and writes its outbox.
+
+A stage class declares ``takes`` (the item type it accepts) and ``gives`` (the type it sends on,
+or :data:`SAME` for "whatever it was given"). The default :meth:`Stage.run` loop calls
+:meth:`Stage.process` once per item; a :class:`~semantic.errors.RequestError` raised there fails
+that request only. Any other exception is a bug in the stage: it ends the stage and fails the
+pipeline loudly. Closing the inbox ends the loop and closes the outbox, which is how shutdown flows
+downstream.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import trio
+from pydantic import BaseModel, ConfigDict
+
+from .errors import RequestError
+from .items import Incoming
+
+if TYPE_CHECKING:
+    from .config import LimitsConfig
+    from .kv_store import KVStore
+    from .model import Model
+    from .worker import MLXWorker
+
+log = logging.getLogger(__name__)
+
+
+class _Same:
+    """Marker for ``gives``: the stage sends on items of the type it received."""
+
+    def __repr__(self) -> str:
+        return "SAME"
+
+
+SAME: Any = _Same()
+
+
+class NoSettings(BaseModel):
+    """Settings of a stage that has none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Metrics:
+    """Plain counters (Prometheus exposition comes with the operations work)."""
+
+    counters: dict[str, float] = field(default_factory=dict)
+
+    def inc(self, name: str, value: float = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + value
+
+
+@dataclass
+class StageContext:
+    """What stages share: the loaded model, its worker thread, limits, the KV store, metrics."""
+
+    limits: LimitsConfig
+    model: Model | None = None
+    worker: MLXWorker | None = None
+    store: KVStore | None = None
+    accepts_model: Callable[[str], bool] = lambda name: True
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+class Stage:
+    """Base class of every stage. Subclasses set ``name``, ``takes``, ``gives`` and maybe ``Settings``."""
+
+    name: ClassVar[str]
+    takes: ClassVar[type] = Incoming
+    gives: ClassVar[Any] = SAME
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+    description: ClassVar[str] = ""
+
+    def __init__(self, settings: BaseModel | None, context: StageContext) -> None:
+        self.settings = settings if settings is not None else self.Settings()
+        self.context = context
+
+    async def setup(self) -> None:
+        """Prepare before the first item (the pipeline waits for every stage's setup)."""
+
+    async def process(self, item: Any) -> Any | None:
+        """Handle one item; return the item to send on, or None to send nothing."""
+        return item
+
+    async def run(
+        self,
+        inbox: trio.MemoryReceiveChannel[Any],
+        outbox: trio.MemorySendChannel[Any],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The stage loop: ``async for item in inbox`` → ``process`` → ``outbox.send``."""
+        await self.setup()
+        task_status.started()
+        async with inbox, outbox:
+            async for item in inbox:
+                out = await self.guarded(item)
+                if out is not None:
+                    await outbox.send(out)
+
+    async def guarded(self, item: Any) -> Any | None:
+        """``process(item)`` unless the request is already over; a RequestError fails only it."""
+        if item.request.done:
+            return None
+        try:
+            return await self.process(item)
+        except RequestError as error:
+            item.request.fail(error)
+            return None

@@ -1,0 +1,1 @@
+"""The built-in stages: identify → tokenize → cache-lookup → schedule → decode → persist."""

@@ -1,0 +1,39 @@
+"""tokenize: render the chat with the model's template into token ids, and cap them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import trio
+
+from semantic import hookimpl
+from semantic.errors import ErrorKind, RequestError
+from semantic.items import Identified, Tokenized
+from semantic.stage import Stage
+
+
+class Tokenize(Stage):
+    """Applies the chat template; refuses prompts over the limit or the model's context."""
+
+    name = "tokenize"
+    takes = Identified
+    gives = Tokenized
+    description = "Chat template and tokenizer of the model; prompt-token cap; output cap."
+
+    async def process(self, item: Identified) -> Tokenized:
+        model = self.context.model
+        assert model is not None, "tokenize needs a loaded model"
+        tokens = await trio.to_thread.run_sync(model.tokenizer.encode_chat, item.messages)
+        limits = self.context.limits
+        context_len = model.info.context_length
+        cap = min(limits.max_prompt_tokens, context_len - 1)
+        if len(tokens) > cap:
+            raise RequestError(ErrorKind.INVALID_REQUEST, f"prompt is too long: {len(tokens)} tokens > {cap} maximum")
+        max_tokens = min(item.params.max_tokens, limits.max_output_tokens, context_len - len(tokens))
+        params = replace(item.params, max_tokens=max_tokens)
+        return item.advance(Tokenized, prompt_tokens=tuple(tokens), params=params)
+
+
+@hookimpl
+def register_stages(register):
+    register(Tokenize)
