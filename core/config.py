@@ -177,21 +177,22 @@ class _Locator:
         self.file = file
         self.root = root
 
-    def issue(self, loc: tuple[Any, ...], message: str) -> Issue:
-        node, clean, missing = self._walk(loc)
+    def issue(self, loc: tuple[Any, ...], message: str, *, at_key: bool = False) -> Issue:
+        node, clean, missing = self._walk(loc, at_key=at_key)
         mark = node.start_mark if node is not None else None
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         if missing is not None:
             message = f"{message} (in the mapping that starts here)" if message == "Field required" else message
         return Issue(self.file, line, col, _path_text(clean), message)
 
-    def _walk(self, loc: tuple[Any, ...]) -> tuple[yaml.Node | None, tuple[Any, ...], Any]:
+    def _walk(self, loc: tuple[Any, ...], *, at_key: bool = False) -> tuple[yaml.Node | None, tuple[Any, ...], Any]:
         node, clean = self.root, ()
         for i, part in enumerate(loc):
             if isinstance(node, yaml.MappingNode):
                 for key, value in node.value:
                     if key.value == str(part):
-                        node, clean = value, (*clean, part)
+                        last = i == len(loc) - 1
+                        node, clean = (key if at_key and last else value), (*clean, part)
                         break
                 else:
                     if self._is_tag(node, part):
@@ -292,7 +293,10 @@ def parse_pipeline(text: str, file: str, registry: Registry) -> PipelineConfig:
     if not isinstance(data, dict):
         raise ConfigError([Issue(file, 1, 1, "", "a pipeline file must be a mapping (name:, model:, stages:, ...)")])
 
-    issues = [locator.issue(loc, msg) for _, loc, msg in _duplicate_keys(root)]
+    issues = [
+        Issue(file, node.start_mark.line + 1, node.start_mark.column + 1, _path_text(loc), msg)
+        for node, loc, msg in _duplicate_keys(root)
+    ]
     model = config_model(registry)
     config: PipelineConfig | None = None
     try:
@@ -302,7 +306,7 @@ def parse_pipeline(text: str, file: str, registry: Registry) -> PipelineConfig:
             loc = tuple(err["loc"])
             if err["type"] == "union_tag_invalid":
                 loc = locator.key_node(loc, err.get("ctx", {}).get("discriminator", "").strip("'"))
-            issues.append(locator.issue(loc, _pydantic_message(err)))
+            issues.append(locator.issue(loc, _pydantic_message(err), at_key=err["type"] == "extra_forbidden"))
     stages = data.get("stages")
     if isinstance(stages, list):
         issues += stage_chain_issues(stages, registry, locator.issue)

@@ -165,8 +165,15 @@ class Pipeline:
 
     def _fail(self, exc: BaseException) -> None:
         self.state = State.FAILED
-        self.failure = f"{type(exc).__name__}: {exc}"
+        self.failure = "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(exc))
         log.critical("pipeline %r failed; not ready until restarted", self.config.name, exc_info=exc)
         error = RequestError(ErrorKind.INTERNAL, "the server's pipeline failed; see the server log")
         for request in list(self._inflight):
             request.fail(error)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]

@@ -112,10 +112,9 @@ class RequestHandle:
             cb(self)
 
     async def events(self) -> AsyncIterator[Event]:
-        """The request's events, ending after ``Finished`` or ``Failed``."""
-        async with self._recv:
-            async for event in self._recv:
-                yield event
+        """The request's events, ending after ``Finished`` or ``Failed`` (may be resumed)."""
+        async for event in self._recv:
+            yield event
 
     async def result(self) -> tuple[str, Finished]:
         """Wait for the whole response: (text, Finished). A failure raises its RequestError."""

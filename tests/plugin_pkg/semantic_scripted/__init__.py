@@ -1,0 +1,143 @@
+"""A third-party semantic plugin, installed through the ``semantic`` entry-point group.
+
+It adds:
+
+* model loader ``scripted``: a deterministic model with a byte-level tokenizer whose reply is a
+  fixed text or an echo of the last user message; no MLX, so protocol tests run fast;
+* stage ``system-prompt``: puts a system message in front of requests that have none;
+* eviction policy ``fifo``: the oldest cache entry goes first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from semantic import hookimpl
+from semantic.detokenize import IncrementalDecoder
+from semantic.eviction import EntryStats, PolicySpec
+from semantic.items import Incoming
+from semantic.model import ChatMessage, Generation, KVState, LoaderSpec, Model, ModelInfo, SamplingParams
+from semantic.stage import SAME, NoSettings, Stage
+
+EOS, START, END = 0, 1, 2
+OFFSET = 3  # token id of byte b is b + OFFSET
+
+
+class ScriptedTokenizer:
+    eos_token_ids = frozenset({EOS})
+
+    def encode(self, text: str) -> list[int]:
+        return [b + OFFSET for b in text.encode("utf-8")]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return bytes(t - OFFSET for t in tokens if t >= OFFSET).decode("utf-8", errors="replace")
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        out: list[int] = []
+        for m in messages:
+            out += [START, *self.encode(f"{m.role}\n{m.content}"), END]
+        return out + [START, *self.encode("assistant\n")]
+
+    def stream_decoder(self) -> IncrementalDecoder:
+        return IncrementalDecoder(self.decode)
+
+
+class ScriptedOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reply: str | None = Field(None, description="Fixed reply; default: echo the last user message.")
+    fail_on: str | None = Field(None, description="Raise inside generation when the prompt contains this.")
+    token_delay_s: float = Field(0.0, ge=0, description="Sleep per generated token (worker thread).")
+    context_length: int = Field(4096, ge=16)
+
+
+@dataclass
+class _Gen(Generation):
+    model: ScriptedModel
+    prompt: list[int]
+    reply: list[int]
+    params: SamplingParams
+
+    def __post_init__(self) -> None:
+        self.fed: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        for token in self.reply[: self.params.max_tokens]:
+            if self.model.options.token_delay_s:
+                time.sleep(self.model.options.token_delay_s)
+            self.fed.append(token)
+            yield token
+
+    def kv_state(self) -> KVState:
+        tokens = tuple(self.prompt + self.fed)
+        return KVState(tokens, None, len(tokens) * self.model.info.kv_bytes_per_token)
+
+
+class ScriptedModel(Model):
+    def __init__(self, name: str, options: ScriptedOptions) -> None:
+        self.options = options
+        self.tokenizer = ScriptedTokenizer()
+        self.info = ModelInfo(name, f"scripted:{options.reply!r}", options.context_length, 100, "scripted")
+        self.calls: list[tuple[int, int]] = []  # (prompt length, reused prefix length) per generate
+
+    def generate(self, prompt, prefix, prefix_len, params) -> Generation:
+        prompt = list(prompt)
+        if prefix is not None and list(prefix.tokens[:prefix_len]) != prompt[:prefix_len]:
+            raise AssertionError("cache prefix does not match the prompt")
+        if prefix_len >= len(prompt):
+            raise AssertionError("no prompt token left to prefill")
+        text = self.tokenizer.decode(prompt)
+        if self.options.fail_on and self.options.fail_on in text:
+            raise RuntimeError("scripted failure")
+        self.calls.append((len(prompt), prefix_len if prefix is not None else 0))
+        reply = self.options.reply
+        if reply is None:
+            last_user = text.rsplit("user\n", 1)[-1].split("assistant\n")[0]
+            reply = f"You said: {last_user}"
+        return _Gen(self, prompt, [*self.tokenizer.encode(reply), EOS], params)
+
+
+def load_scripted(source: str, options: ScriptedOptions, context) -> ScriptedModel:
+    return ScriptedModel(context.name, options)
+
+
+class SystemPromptSettings(NoSettings):
+    text: str = Field(min_length=1, description="System message for requests without one.")
+
+
+class SystemPrompt(Stage):
+    """Puts a system message in front of requests that have none."""
+
+    name = "system-prompt"
+    takes = Incoming
+    gives = SAME
+    Settings = SystemPromptSettings
+
+    async def process(self, item: Incoming) -> Incoming:
+        if not any(m.role == "system" for m in item.messages):
+            item.messages = (ChatMessage("system", self.settings.text), *item.messages)
+        return item
+
+
+class FIFO:
+    def priority(self, entry: EntryStats) -> float:
+        return entry.created
+
+
+@hookimpl
+def register_stages(register):
+    register(SystemPrompt)
+
+
+@hookimpl
+def register_model_loaders(register):
+    register(LoaderSpec("scripted", load_scripted, ScriptedOptions, "deterministic scripted model (tests)"))
+
+
+@hookimpl
+def register_eviction_policies(register):
+    register(PolicySpec("fifo", FIFO, "Evict the oldest cache first."))

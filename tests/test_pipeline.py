@@ -1,0 +1,179 @@
+"""A whole pipeline running on the scripted model: flow, warm turns, failures, shutdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from semantic import hookimpl
+from semantic.config import load_pipeline, parse_pipeline
+from semantic.errors import ErrorKind, RequestError
+from semantic.harness import incoming
+from semantic.items import Incoming
+from semantic.model import ChatMessage
+from semantic.pipeline import Pipeline, State
+from semantic.plugin_manager import Registry, plugin_manager
+from semantic.request import Failed, Finished, Started, TextDelta
+from semantic.stage import SAME, Stage
+
+SCRIPTED = Path(__file__).parent / "pipelines" / "scripted.yaml"
+
+
+class Crash(Stage):
+    """A stage with a bug: it raises on requests that say 'boom'."""
+
+    name = "crash-on-boom"
+    takes = Incoming
+    gives = SAME
+
+    async def process(self, item):
+        if any("boom" in m.content for m in item.messages):
+            raise ValueError("a bug in a stage")
+        return item
+
+
+class CrashPlugin:
+    @hookimpl
+    def register_stages(self, register):
+        register(Crash)
+
+
+async def collect(pipeline: Pipeline, item: Incoming) -> list:
+    await pipeline.submit(item)
+    return [ev async for ev in item.request.events()]
+
+
+def text_of(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+def test_third_party_pipeline_runs_with_its_stage_policy_and_model(registry):
+    config = load_pipeline(SCRIPTED, registry)
+
+    async def main():
+        pipeline = Pipeline(config, registry, base_dir=SCRIPTED.parent)
+        async with trio.open_nursery() as n:
+            await n.start(pipeline.run)
+            model = pipeline.model
+            first = await collect(pipeline, incoming("hello", model="claude-x", max_tokens=100))
+            turn2 = [ChatMessage("user", "hello"), ChatMessage("assistant", "You said: hello"), ChatMessage("user", "again")]
+            second = await collect(pipeline, incoming(turn2, model="test-model", max_tokens=100))
+            policy = type(pipeline.context.store.policy).__name__
+            pipeline.close()
+        return model, first, second, policy, pipeline.state
+
+    model, first, second, policy, state = trio.run(main)
+    assert type(model).__name__ == "ScriptedModel" and policy == "FIFO" and state is State.STOPPED
+    assert text_of(first) == "You said: hello" and isinstance(first[-1], Finished)
+    expected = model.tokenizer.encode_chat([ChatMessage("system", "You are a test."), ChatMessage("user", "hello")])
+    assert model.calls[0] == (len(expected), 0)  # the system-prompt stage added its message
+    # the second turn starts with the first turn's prompt and reply: served from the kept cache
+    usage = second[-1].usage
+    assert text_of(second) == "You said: again"
+    assert usage.cached_tokens > len(expected) and model.calls[1][1] == usage.cached_tokens
+    assert usage.cache_created_tokens == usage.prompt_tokens - usage.cached_tokens
+    assert isinstance(second[0], Started) and second[0].usage.cached_tokens == usage.cached_tokens
+
+
+def _pipeline(registry, scripted, **options) -> Pipeline:
+    text = SCRIPTED.read_text().replace("  - type: system-prompt\n    settings:\n      text: You are a test.\n", "")
+    return Pipeline(parse_pipeline(text, "scripted.yaml", registry), registry, model=scripted(**options))
+
+
+def test_many_concurrent_requests_all_complete(registry, scripted):
+    pipeline = _pipeline(registry, scripted)
+
+    async def main():
+        results = {}
+        async with trio.open_nursery() as n:
+            await n.start(pipeline.run)
+
+            async def one(i):
+                results[i] = await collect(pipeline, incoming(f"number {i}", agent=f"agent-{i % 3}"))
+
+            async with trio.open_nursery() as clients:
+                for i in range(12):
+                    clients.start_soon(one, i)
+            pipeline.close()
+        return results
+
+    results = trio.run(main)
+    refused = {i for i, ev in results.items() if isinstance(ev[-1], Failed)}
+    for i, events in results.items():
+        if i not in refused:
+            assert text_of(events) == f"You said: number {i}"
+    # max_queue_depth is 4 in this pipeline: overflow is refused, never lost or hung
+    assert all(results[i][-1].error.kind is ErrorKind.OVERLOADED for i in refused)
+    assert len(refused) < 12
+
+
+def test_a_failing_request_does_not_stop_the_pipeline(registry, scripted):
+    pipeline = _pipeline(registry, scripted, fail_on="explode")
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(pipeline.run)
+            bad = await collect(pipeline, incoming("explode now"))
+            good = await collect(pipeline, incoming("fine"))
+            pipeline.close()
+        return bad, good
+
+    bad, good = trio.run(main)
+    assert isinstance(bad[-1], Failed) and bad[-1].error.kind is ErrorKind.INTERNAL
+    assert text_of(good) == "You said: fine"
+    assert pipeline.state is State.STOPPED
+
+
+def test_a_stage_crash_fails_the_pipeline_loudly(scripted, caplog):
+    registry = Registry.from_plugins(plugin_manager(extra=[CrashPlugin()]))
+    text = SCRIPTED.read_text().replace("  - type: schedule\n", "  - type: schedule\n  - type: crash-on-boom\n")
+    config = parse_pipeline(text, "crash.yaml", registry)
+    model = scripted(reply="slow " * 50, token_delay_s=0.02)
+    pipeline = Pipeline(config, registry, model=model)
+
+    async def main():
+        with trio.fail_after(30):  # a failed pipeline must never leave a caller hanging
+            return await scenario()
+
+    async def scenario():
+        async with trio.open_nursery() as n:
+            await n.start(pipeline.run)
+            assert pipeline.ready
+            slow = incoming("a long one", max_tokens=250)
+            await pipeline.submit(slow)
+            first = await slow.request.events().__anext__()
+            boom = incoming("boom")
+            await pipeline.submit(boom)
+            slow_events = [first] + [ev async for ev in slow.request.events()]
+            boom_events = [ev async for ev in boom.request.events()]
+            with pytest.raises(RequestError) as refused:
+                await pipeline.submit(incoming("after"))
+        return slow_events, boom_events, refused.value
+
+    slow_events, boom_events, refused = trio.run(main)
+    assert pipeline.state is State.FAILED and not pipeline.ready
+    assert "ValueError: a bug in a stage" == pipeline.failure
+    assert isinstance(boom_events[-1], Failed) and boom_events[-1].error.kind is ErrorKind.INTERNAL
+    assert isinstance(slow_events[-1], Failed)  # in flight when the pipeline failed: told, not hung
+    assert refused.kind is ErrorKind.UNAVAILABLE
+    assert any(r.levelname == "CRITICAL" and r.exc_info for r in caplog.records)
+
+
+def test_closing_the_entry_drains_requests_then_stops(registry, scripted):
+    pipeline = _pipeline(registry, scripted, token_delay_s=0.005)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(pipeline.run)
+            items = [incoming(f"q{i}", agent=f"a{i}") for i in range(3)]
+            for item in items:
+                n.start_soon(pipeline.submit, item)
+            await trio.sleep(0.05)
+            pipeline.close()
+        return [[ev async for ev in it.request.events()] for it in items]
+
+    for events in trio.run(main):
+        assert isinstance(events[-1], Finished)
+    assert pipeline.state is State.STOPPED

@@ -1,0 +1,298 @@
+"""Each stage alone, on typed inputs, through the harness in semantic.harness."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from semantic.config import LimitsConfig
+from semantic.errors import ErrorKind
+from semantic.harness import drain, incoming, run_stage, stage_context
+from semantic.items import Generated, Identified, Tokenized
+from semantic.model import ChatMessage, KVState
+from semantic.request import Failed, Finished, Started, TextDelta, Usage
+from semantic.stages.cache_lookup import CacheLookup
+from semantic.stages.decode import Decode, DecodeSettings
+from semantic.stages.identify import Identify, IdentifySettings
+from semantic.stages.persist import Persist
+from semantic.stages.schedule import Schedule
+from semantic.stages.tokenize import Tokenize
+
+
+def run(fn, *args):
+    return trio.run(fn, *args)
+
+
+def failure(item) -> Failed:
+    events = drain(item.request)
+    assert events and isinstance(events[-1], Failed), events
+    return events[-1]
+
+
+# --- identify ---------------------------------------------------------------------------------
+
+
+def test_identify_names_agents_by_explicit_id_or_conversation_start():
+    async def main():
+        async with stage_context(worker=False) as ctx:
+            conv = [ChatMessage("system", "be brief"), ChatMessage("user", "hi")]
+            later = [*conv, ChatMessage("assistant", "hello"), ChatMessage("user", "more")]
+            other = [ChatMessage("system", "be brief"), ChatMessage("user", "something else")]
+            items = [incoming(conv), incoming(later), incoming(other), incoming("x", agent="agent-7")]
+            return await run_stage(Identify(None, ctx), items)
+
+    a, b, c, d = run(main)
+    assert all(isinstance(x, Identified) for x in (a, b, c, d))
+    assert a.agent_id == b.agent_id != c.agent_id
+    assert a.agent_id.startswith("h-") and not a.explicit_agent
+    assert (d.agent_id, d.explicit_agent) == ("agent-7", True)
+
+
+def test_identify_content_id_can_cover_more_messages():
+    async def main():
+        async with stage_context(worker=False) as ctx:
+            s = Identify(IdentifySettings(hash_messages=0), ctx)
+            return await run_stage(s, [incoming("one"), incoming("two")])
+
+    a, b = run(main)
+    assert a.agent_id == b.agent_id  # only the (empty) system prompt and model are hashed
+
+
+@pytest.mark.parametrize(
+    ("item", "kind"),
+    [
+        (incoming("x", request_bytes=10_000), ErrorKind.TOO_LARGE),
+        (incoming("x", model="gpt-9"), ErrorKind.NOT_FOUND),
+        (incoming([ChatMessage("system", "only a system prompt")]), ErrorKind.INVALID_REQUEST),
+        (incoming("x", agent="../etc/passwd"), ErrorKind.INVALID_REQUEST),
+    ],
+)
+def test_identify_refuses_bad_requests_before_allocating(item, kind):
+    async def main():
+        async with stage_context(worker=False, limits=LimitsConfig(max_request_bytes=2048)) as ctx:
+            ctx.accepts_model = lambda name: name == "test-model"
+            stage = Identify(None, ctx)
+            out = await run_stage(stage, [item])
+            return out, stage.active
+
+    out, active = run(main)
+    assert out == [] and active == {}
+    assert failure(item).error.kind is kind
+
+
+def test_identify_caps_concurrent_sessions_and_releases_them():
+    async def main():
+        async with stage_context(worker=False, limits=LimitsConfig(max_concurrent_sessions=2)) as ctx:
+            stage = Identify(None, ctx)
+            a1, a2, b, c = incoming("a", agent="a"), incoming("a", agent="a"), incoming("b", agent="b"), incoming("c", agent="c")
+            out = await run_stage(stage, [a1, a2, b, c])
+            assert [x.agent_id for x in out] == ["a", "a", "b"]
+            err = failure(c).error
+            assert err.kind is ErrorKind.OVERLOADED and err.retry_after
+            a1.request.cancel()
+            assert stage.active == {"a": 1, "b": 1}
+            a2.request.cancel()
+            b.request.push(Finished("end_turn", Usage()))
+            assert stage.active == {}
+            again = incoming("c", agent="c")
+            assert [x.agent_id for x in await run_stage(stage, [again])] == ["c"]
+
+    run(main)
+
+
+# --- tokenize ---------------------------------------------------------------------------------
+
+
+async def _identified(ctx, *items):
+    return await run_stage(Identify(None, ctx), items)
+
+
+def test_tokenize_applies_the_chat_template_and_caps_output(scripted):
+    model = scripted()
+
+    async def main():
+        async with stage_context(model=model, worker=False, limits=LimitsConfig(max_output_tokens=20)) as ctx:
+            items = await _identified(ctx, incoming("hello", max_tokens=500), incoming("hi", max_tokens=5))
+            return await run_stage(Tokenize(None, ctx), items)
+
+    big, small = run(main)
+    assert isinstance(big, Tokenized)
+    assert list(big.prompt_tokens) == model.tokenizer.encode_chat([ChatMessage("user", "hello")])
+    assert big.params.max_tokens == 20 and small.params.max_tokens == 5
+
+
+def test_tokenize_refuses_prompts_over_the_limit(scripted):
+    async def main():
+        async with stage_context(model=scripted(), worker=False, limits=LimitsConfig(max_prompt_tokens=30)) as ctx:
+            items = await _identified(ctx, incoming("x" * 40), incoming("short"))
+            out = await run_stage(Tokenize(None, ctx), items)
+            return items, out
+
+    items, out = run(main)
+    assert len(out) == 1 and out[0] is not items[0]
+    err = failure(items[0]).error
+    assert err.kind is ErrorKind.INVALID_REQUEST
+    assert err.message.startswith("prompt is too long: ") and err.message.endswith("tokens > 30 maximum")
+
+
+def test_tokenize_keeps_output_within_the_model_context(scripted):
+    async def main():
+        async with stage_context(model=scripted(context_length=64), worker=False) as ctx:
+            items = await _identified(ctx, incoming("hello", max_tokens=1000))
+            return await run_stage(Tokenize(None, ctx), items)
+
+    (item,) = run(main)
+    assert len(item.prompt_tokens) + item.params.max_tokens == 64
+
+
+# --- cache-lookup -------------------------------------------------------------------------------
+
+
+def _tokenized(tokens, agent="a", **kw) -> Tokenized:
+    base = incoming("x", **kw)
+    return base.advance(Tokenized, agent_id=agent, prompt_tokens=tuple(tokens))
+
+
+def test_cache_lookup_attaches_the_longest_cached_prefix():
+    async def main():
+        async with stage_context(worker=False) as ctx:
+            ctx.store.put("a", KVState((1, 2, 3, 4), None, 40))
+            ctx.store.put("b", KVState((1, 2, 9), None, 30))
+            items = [_tokenized([1, 2, 3, 4, 5, 6]), _tokenized([1, 2, 9, 9], agent="c"), _tokenized([7, 8]), _tokenized([1, 2, 3, 4])]
+            return await run_stage(CacheLookup(None, ctx), items), ctx.metrics.counters
+
+    (own, shared, miss, whole), counters = run(main)
+    assert own.prefix_len == 4 and own.prefix.tokens == (1, 2, 3, 4)
+    assert shared.prefix_len == 3 and shared.prefix.tokens == (1, 2, 9)  # another agent's prefix
+    assert miss.prefix is None and miss.prefix_len == 0
+    assert whole.prefix_len == 3  # one token must be left for prefill
+    assert counters["cache_hits"] == 3 and counters["cache_misses"] == 1
+
+
+# --- schedule ---------------------------------------------------------------------------------
+
+
+def test_schedule_is_fifo_and_refuses_beyond_queue_depth():
+    async def main():
+        async with stage_context(worker=False, limits=LimitsConfig(max_queue_depth=2)) as ctx:
+            stage = Schedule(None, ctx)
+            items = [_tokenized([i]) for i in range(5)]
+            in_send, in_recv = trio.open_memory_channel(0)
+            out_send, out_recv = trio.open_memory_channel(0)
+            async with trio.open_nursery() as n:
+                await n.start(stage.run, in_recv, out_send)
+                for item in items:  # nobody takes from the outbox yet: the queue fills
+                    await in_send.send(item)
+                await trio.testing.wait_all_tasks_blocked()
+                refused = [i for i in items if i.request.done]
+                async with in_send:
+                    pass
+                got = [x async for x in out_recv]
+            return items, refused, got
+
+    items, refused, got = run(main)
+    # max_queue_depth=2: two requests wait (one of them held at the outbox), the third is refused
+    assert [x.prompt_tokens for x in got] == [(0,), (1,)]
+    assert refused == items[2:]
+    for item in refused:
+        err = failure(item).error
+        assert err.kind is ErrorKind.OVERLOADED and err.retry_after == 1.0
+
+
+def test_schedule_drops_requests_cancelled_while_waiting():
+    async def main():
+        async with stage_context(worker=False) as ctx:
+            items = [_tokenized([1]), _tokenized([2])]
+            items[0].request.cancel()
+            return await run_stage(Schedule(None, ctx), items)
+
+    assert [x.prompt_tokens for x in run(main)] == [(2,)]
+
+
+# --- decode -----------------------------------------------------------------------------------
+
+
+def _decode(model, items, settings=None):
+    async def main():
+        async with stage_context(model=model) as ctx:
+            tok = [i.advance(Tokenized, agent_id="a", prompt_tokens=tuple(model.tokenizer.encode_chat(i.messages))) for i in items]
+            return await run_stage(Decode(settings, ctx), tok), ctx
+
+    return trio.run(main)
+
+
+def test_decode_streams_text_and_reports_the_kv_state(scripted):
+    model = scripted(reply="Hello there, world")
+    item = incoming("hi")
+    (out,), _ = _decode(model, [item])
+    assert isinstance(out, Generated)
+    assert (out.stop_reason, out.output_tokens) == ("end_turn", len("Hello there, world"))
+    events = drain(item.request)
+    assert isinstance(events[0], Started) and events[0].usage.prompt_tokens == len(out.prompt_tokens)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello there, world"
+    assert out.kv_state.tokens[: len(out.prompt_tokens)] == out.prompt_tokens
+
+
+def test_decode_stops_at_max_tokens_and_stop_sequences(scripted):
+    model = scripted(reply="one two three four")
+    capped, stopped = incoming("a", max_tokens=7), incoming("b", stop=["thr", "zzz"])
+    (a, b), _ = _decode(model, [capped, stopped], DecodeSettings(emit_every=3))
+    assert (a.stop_reason, a.output_tokens) == ("max_tokens", 7)
+    assert "".join(e.text for e in drain(capped.request) if isinstance(e, TextDelta)) == "one two"
+    assert (b.stop_reason, b.stop_sequence) == ("stop_sequence", "thr")
+    assert "".join(e.text for e in drain(stopped.request) if isinstance(e, TextDelta)) == "one two "
+
+
+def test_decode_model_failure_fails_only_that_request(scripted):
+    model = scripted(reply="fine", fail_on="explode")
+    bad, good = incoming("please explode"), incoming("ok")
+    out, ctx = _decode(model, [bad, good])
+    assert [o.request for o in out] == [good.request]
+    err = failure(bad).error
+    assert err.kind is ErrorKind.INTERNAL and "RuntimeError" in err.message
+    assert ctx.metrics.counters["generation_errors"] == 1
+
+
+def test_decode_stops_a_cancelled_request_within_a_token(scripted):
+    model = scripted(reply="x" * 200, token_delay_s=0.01)
+    item = incoming("go", max_tokens=200)
+
+    async def main():
+        async with stage_context(model=model) as ctx:
+            tok = item.advance(Tokenized, agent_id="a", prompt_tokens=tuple(model.tokenizer.encode_chat(item.messages)))
+            async with trio.open_nursery() as n:
+                result = []
+
+                async def go():
+                    result.extend(await run_stage(Decode(None, ctx), [tok]))
+
+                n.start_soon(go)
+                async for ev in item.request.events():
+                    if isinstance(ev, TextDelta):
+                        item.request.cancel()
+                        break
+            return result
+
+    (out,) = run(main)
+    assert out.stop_reason == "cancelled" and out.output_tokens < 10
+
+
+# --- persist ----------------------------------------------------------------------------------
+
+
+def test_persist_keeps_the_state_for_the_next_turn():
+    async def main():
+        async with stage_context(worker=False) as ctx:
+            item = _tokenized([1, 2, 3, 4]).advance(Generated, stop_reason="end_turn", output_tokens=2, kv_state=KVState((1, 2, 3, 4, 5), None, 50))
+            warm = _tokenized([1, 2, 3, 4, 5, 6]).advance(
+                Generated, prefix=KVState((1, 2, 3), None, 30), prefix_len=3, stop_reason="end_turn", output_tokens=1, kv_state=KVState((1, 2, 3, 4, 5, 6, 7), None, 70)
+            )
+            out = await run_stage(Persist(None, ctx), [item, warm])
+            return out, ctx.store
+
+    (first, second), store = run(main)
+    assert first.cache_created_tokens == 4 and second.cache_created_tokens == 3
+    assert first.kv_state is None  # handed to the store
+    match = store.lookup("a", (1, 2, 3, 4, 5, 6, 7, 8))
+    assert match.length == 7 and len(store) == 1
