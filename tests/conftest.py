@@ -49,3 +49,86 @@ def smollm():
         GGUFOptions(dtype="float32"),
         LoadContext("smollm2-135m-instruct", None, cache_dir()),
     )
+
+
+class ServerProcess:
+    """``semantic serve`` in a child process on a free loopback port."""
+
+    def __init__(self, pipeline: str, *extra: str, env: dict[str, str] | None = None, timeout: float = 300) -> None:
+        import re
+        import subprocess
+        import sys
+        import time
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "semantic.cli", "serve", "--pipeline", pipeline, "--port", "0", *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.output: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.output.append(line)
+            if m := re.search(r"serving pipeline .* on (http://\S+)", line):
+                self.url = m.group(1)
+                break
+        else:
+            self.stop()
+            raise TimeoutError("server did not start:\n" + "".join(self.output))
+        if not hasattr(self, "url"):
+            raise RuntimeError("server exited:\n" + "".join(self.output))
+        import threading
+
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+
+    def stop(self) -> int:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def scripted_server():
+    server = ServerProcess(str(TESTS / "pipelines" / "scripted.yaml"))
+    yield server
+    assert server.stop() == 0, "".join(server.output)
+
+
+@pytest.fixture
+def start_server():
+    """Start ``semantic serve`` processes; each is stopped (and must exit cleanly) at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(pipeline: str, *extra: str, **kw) -> ServerProcess:
+        server = ServerProcess(pipeline, *extra, **kw)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        assert server.stop() == 0, "".join(server.output)
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    """``semantic serve`` on the shipped default pipeline (the embedded model)."""
+    server = ServerProcess("default")
+    yield server
+    assert server.stop() == 0, "".join(server.output)

@@ -1,0 +1,164 @@
+"""The Anthropic protocol on a real server (scripted model), through the official SDK and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+
+import anthropic
+import httpx
+import pytest
+
+MODEL = "claude-test-1"
+PIPELINES = Path(__file__).parent / "pipelines"
+
+
+@pytest.fixture(scope="module")
+def client(scripted_server):
+    return anthropic.Anthropic(base_url=scripted_server.url, api_key="local", max_retries=0)
+
+
+def events_of(body: str) -> list[tuple[str, dict]]:
+    out = []
+    for chunk in body.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in chunk.splitlines())
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+def test_non_streaming_message(client):
+    msg = client.messages.create(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "ping pong"}])
+    assert msg.type == "message" and msg.role == "assistant" and msg.model == MODEL
+    assert [b.type for b in msg.content] == ["text"] and msg.content[0].text == "You said: ping pong"
+    assert msg.stop_reason == "end_turn" and msg.stop_sequence is None
+    assert msg.usage.input_tokens > 0 and msg.usage.output_tokens == len("You said: ping pong")
+
+
+def test_streaming_message_with_the_sdk(client):
+    with client.messages.stream(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "streamed"}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "You said: streamed" == final.content[0].text
+    assert final.stop_reason == "end_turn" and final.usage.output_tokens == len(text)
+
+
+def test_sse_event_sequence(scripted_server):
+    body = {"model": MODEL, "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "seq"}]}
+    r = httpx.post(f"{scripted_server.url}/v1/messages?beta=true", json=body, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = events_of(r.text)
+    names = [e for e, _ in events]
+    assert names[:3] == ["message_start", "ping", "content_block_start"]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(names[3:-3]) == {"content_block_delta"}
+    assert all(data["type"] == name for name, data in events)
+    delta = events[-2][1]
+    assert delta["delta"]["stop_reason"] == "max_tokens" and delta["usage"]["output_tokens"] == 5
+    assert "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta") == "You s"
+
+
+def test_stop_sequences(client):
+    msg = client.messages.create(
+        model=MODEL, max_tokens=100, stop_sequences=["id: "], messages=[{"role": "user", "content": "x"}]
+    )
+    assert msg.content[0].text == "You sa" and msg.stop_reason == "stop_sequence" and msg.stop_sequence == "id: "
+
+
+def test_second_turn_reads_the_cache(client):
+    first = [{"role": "user", "content": "remember the number 12345"}]
+    a = client.messages.create(model=MODEL, max_tokens=100, messages=first)
+    turn = [*first, {"role": "assistant", "content": a.content[0].text}, {"role": "user", "content": "and now?"}]
+    b = client.messages.create(model=MODEL, max_tokens=100, messages=turn)
+    assert a.usage.cache_read_input_tokens == 0 or a.usage.cache_read_input_tokens < b.usage.cache_read_input_tokens
+    assert b.usage.cache_read_input_tokens > a.usage.input_tokens  # the whole first turn came from cache
+    assert b.content[0].text == "You said: and now?"
+
+
+def test_system_prompt_as_string_and_blocks(client):
+    for system in ("be terse", [{"type": "text", "text": "be terse", "cache_control": {"type": "ephemeral"}}]):
+        msg = client.messages.create(model=MODEL, max_tokens=50, system=system, messages=[{"role": "user", "content": "ok"}])
+        assert msg.content[0].text == "You said: ok"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "kind", "needle"),
+    [
+        (b"{not json", 400, "invalid_request_error", "not valid JSON"),
+        (b"[1, 2]", 400, "invalid_request_error", "JSON object"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}).encode(), 400, "invalid_request_error", "max_tokens"),
+        (json.dumps({"model": MODEL, "max_tokens": 5, "messages": []}).encode(), 400, "invalid_request_error", "messages"),
+        (json.dumps({"model": MODEL, "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}).encode(), 400, "invalid_request_error", "max_tokens"),
+        (json.dumps({"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "not_found_error", "gpt-4o"),
+        (
+            json.dumps({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}).encode(),
+            400,
+            "invalid_request_error",
+            "'image' are not supported",
+        ),
+        (b"{" + b" " * (9 * 1024 * 1024) + b"}", 413, "request_too_large", "larger than"),
+    ],
+)
+def test_bad_requests_get_anthropic_errors_and_the_server_keeps_serving(scripted_server, client, body, status, kind, needle):
+    r = httpx.post(f"{scripted_server.url}/v1/messages", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["type"] == "error" and err["error"]["type"] == kind and needle in err["error"]["message"]
+    ok = client.messages.create(model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "still there?"}])
+    assert ok.content[0].text == "You said: still there?"
+
+
+def test_sdk_raises_typed_errors(client):
+    with pytest.raises(anthropic.NotFoundError) as info:
+        client.messages.create(model="gpt-4o", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["error"]["type"] == "not_found_error"
+
+
+def test_overload_is_refused_with_retry_after(start_server, tmp_path):
+    text = (PIPELINES / "scripted.yaml").read_text().replace("reply: null", "token_delay_s: 0.05\n    reply: slow reply")
+    path = tmp_path / "slow.yaml"
+    path.write_text(text)
+    server = start_server(str(path))
+    body = {"model": MODEL, "max_tokens": 100, "messages": [{"role": "user", "content": "x"}]}
+
+    def call(i):
+        return httpx.post(f"{server.url}/v1/messages", json=body, headers={"x-agent-id": f"agent-{i}"}, timeout=60)
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(call, range(12)))
+    refused = [r for r in responses if r.status_code != 200]
+    assert refused and len(refused) < 12
+    for r in refused:
+        assert r.status_code == 529 and r.json()["error"]["type"] == "overloaded_error"
+        assert int(r.headers["retry-after"]) >= 1
+    for r in responses:
+        if r.status_code == 200:
+            assert r.json()["content"][0]["text"] == "slow reply"
+
+
+def test_service_routes(scripted_server):
+    url = scripted_server.url
+    assert httpx.head(url + "/").status_code == 200
+    assert httpx.get(url + "/health").json()["status"] == "ready"
+    models = httpx.get(url + "/v1/models").json()
+    assert models["data"][0]["id"] == "test-model"
+    r = httpx.get(url + "/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = httpx.get(url + "/v1/messages")
+    assert r.status_code == 405 and r.json()["type"] == "error"
+
+
+def test_client_disconnect_stops_generation(start_server, tmp_path):
+    text = (PIPELINES / "scripted.yaml").read_text().replace("reply: null", "token_delay_s: 0.05\n    reply: " + "z" * 200)
+    path = tmp_path / "slow.yaml"
+    path.write_text(text)
+    server = start_server(str(path))
+    body = {"model": MODEL, "max_tokens": 250, "stream": True, "messages": [{"role": "user", "content": "long"}]}
+    with httpx.stream("POST", f"{server.url}/v1/messages", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if "content_block_delta" in line:
+                break  # leave mid-stream: the connection closes
+    # A generation left running would hold the only decode slot for ~10 s more.
+    quick = {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "next"}]}
+    r = httpx.post(f"{server.url}/v1/messages", json=quick, timeout=8)
+    assert r.status_code == 200 and r.json()["content"][0]["text"] == "zzz"
