@@ -24,7 +24,7 @@ serve: setup
 	$(VENV)/bin/semantic serve --pipeline $(PIPELINE) --port $(PORT)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .hypothesis .cache
