@@ -85,7 +85,8 @@ def cmd_plugins(_args: argparse.Namespace) -> int:
     for title, table in (("stages", reg.stages), ("model loaders", reg.loaders), ("protocols", reg.protocols), ("eviction policies", reg.policies)):
         print(f"{title}:")
         for name, obj in sorted(table.items()):
-            print(f"  {name}\t{getattr(obj, 'description', '') or ''}")
+            doc = getattr(obj, "description", "") or (getattr(obj, "__doc__", "") or "").strip().split("\n")[0]
+            print(f"  {name}\t{doc}")
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from .config import PipelineConfig
+from .config import ConfigError, Issue, PipelineConfig, stage_chain_issues
 from .errors import ErrorKind, RequestError
 from .items import Generated, Incoming
 from .kv_store import KVStore
@@ -55,6 +55,10 @@ class Pipeline:
     ) -> None:
         self.config = config
         self.registry = registry
+        stages = [{"type": s.type} for s in config.stages]
+        issues = stage_chain_issues(stages, registry, lambda loc, msg: Issue(config.name, 0, 0, ".".join(map(str, loc)), msg))
+        if issues:  # configs built in code, not loaded from a file, get the same check
+            raise ConfigError(issues)
         self.base_dir = base_dir
         self.state = State.STARTING
         self.failure: str | None = None

@@ -84,7 +84,7 @@ class Registry:
             if check:
                 check(obj)
             if obj.name in table:
-                raise PluginError(f"two plugins register a {what} named {obj.name!r}")
+                raise PluginError(f"two plugins register the {what} {obj.name!r}")
             table[obj.name] = obj
 
         return register

