@@ -6,7 +6,6 @@ Model plugins that end with an mlx-lm model directory (GGUF onboarding, local ml
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,7 @@ class _MLXGeneration(Generation):
         if p.seed is not None:
             mx.random.seed(p.seed)
         sampler = make_sampler(temp=p.temperature, top_p=p.top_p or 0.0, top_k=p.top_k or 0)
-        start = len(self._prompt) - self._suffix_len
+        start = self._caches[0].offset  # the reused prefix: only the rest is prefilled
         steps = generate_step(
             mx.array(self._prompt[start:]),
             self._model.module,
@@ -71,10 +70,6 @@ class _MLXGeneration(Generation):
         for token, _ in steps:
             self._generated.append(int(token))
             yield int(token)
-
-    @property
-    def _suffix_len(self) -> int:
-        return len(self._prompt) - self._caches[0].offset
 
     def kv_state(self) -> KVState | None:
         import mlx.core as mx
@@ -151,7 +146,6 @@ def load_mlx_lm_dir(
     from mlx_lm.utils import load_model
     from transformers import AutoTokenizer
 
-    config = json.loads((path / "config.json").read_text())
     module, config = load_model(path)
     activation_dtype = dtype if dtype in _DTYPE_BYTES else "float16"
     mx.eval(module.parameters())

@@ -72,7 +72,7 @@ async def serve(config: PipelineConfig, registry: Registry, *, base_dir: Path | 
     pipeline = Pipeline(config, registry, base_dir=base_dir)
     hconfig = HypercornConfig()
     hconfig.bind = [f"{config.server.host}:{config.server.port}"]
-    hconfig.accesslog = None  # request lines carry no content, but keep logs to our own records
+    hconfig.accesslog = None  # semantic logs its own records (ids and counts, never content)
     hconfig.graceful_timeout = 5
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
