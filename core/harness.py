@@ -38,21 +38,25 @@ async def stage_context(
     limits: LimitsConfig | None = None,
     cache_bytes: int = 1 << 30,
     policy: EvictionPolicy | None = None,
-    worker: bool = True,
+    worker: bool | MLXWorker = True,
 ) -> AsyncIterator[StageContext]:
-    """A :class:`StageContext` with a running MLX worker thread and an in-memory KV store."""
+    """A :class:`StageContext` with an MLX worker thread and an in-memory KV store.
+
+    ``worker``: True starts (and later stops) a worker of its own; an :class:`MLXWorker` is used
+    as it is (the one that loaded ``model``); False gives none.
+    """
     ctx = StageContext(limits=limits or LimitsConfig(), model=model)
     ctx.store = KVStore(cache_bytes, policy or _OldestFirst())
-    mlx = MLXWorker() if worker else None
-    if mlx is not None:
-        mlx.start()
-        ctx.worker = mlx
+    own = MLXWorker() if worker is True else None
+    if own is not None:
+        own.start()
+    ctx.worker = own or (worker if isinstance(worker, MLXWorker) else None)
     try:
         yield ctx
     finally:
-        if mlx is not None:
+        if own is not None:
             with trio.CancelScope(shield=True):
-                await mlx.stop()
+                await own.stop()
 
 
 def incoming(

@@ -52,6 +52,7 @@ class Pipeline:
         *,
         base_dir: Path | None = None,
         model: Model | None = None,
+        worker: MLXWorker | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -64,6 +65,7 @@ class Pipeline:
         self.failure: str | None = None
         self.context = StageContext(limits=config.limits, model=model, accepts_model=config.model.accepts)
         self.stages: list[Stage] = []
+        self._worker = worker  # the thread that loaded ``model``, when one is given
         self._entry: trio.MemorySendChannel[Incoming] | None = None
         self._inflight: set[RequestHandle] = set()
 
@@ -81,15 +83,28 @@ class Pipeline:
         return RequestHandle(max_events=self.config.limits.max_output_tokens + 16)
 
     async def submit(self, item: Incoming) -> None:
-        """Hand a request to the first stage; its events then arrive on ``item.request``."""
+        """Hand a request to the first stage; its events then arrive on ``item.request``.
+
+        Refused at once (overloaded) when ``max_queue_depth + max_concurrent_sessions`` requests
+        are already admitted and unfinished, wherever they are in the pipeline.
+        """
         if not self.ready or self._entry is None:
             raise RequestError(ErrorKind.UNAVAILABLE, f"the pipeline is not ready ({self.state.value})")
-        self._inflight.add(item.request)
-        item.request.on_done(self._inflight.discard)
+        limits = self.config.limits
+        if len(self._inflight) >= limits.max_queue_depth + limits.max_concurrent_sessions:
+            self.context.metrics.inc("rejected_inflight")
+            raise RequestError(ErrorKind.OVERLOADED, "too many requests in flight; retry shortly", retry_after=1.0)
+        request = item.request
+        self._inflight.add(request)
+        request.on_done(self._inflight.discard)
         try:
             await self._entry.send(item)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
+            request.cancel()
             raise RequestError(ErrorKind.UNAVAILABLE, "the pipeline is shutting down") from None
+        except BaseException:  # the caller went away while waiting to get in
+            request.cancel()
+            raise
 
     def close(self) -> None:
         """Stop taking requests; stages finish what they hold, then end in order."""
@@ -116,7 +131,8 @@ class Pipeline:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load, start every stage, report started, then run until closed (or a stage crashes)."""
-        worker = MLXWorker()
+        owns_worker = self._worker is None
+        worker = self._worker or MLXWorker()
         worker.start()
         self.context.worker = worker
         owns_model = self.context.model is None
@@ -133,7 +149,8 @@ class Pipeline:
             with trio.CancelScope(shield=True):
                 if owns_model and self.context.model is not None:
                     await worker.call(self.context.model.close)
-                await worker.stop()
+                if owns_worker:
+                    await worker.stop()
 
     async def _run_stages(self, task_status: trio.TaskStatus[None]) -> None:
         entry_send, inbox = trio.open_memory_channel[Any](CHANNEL_BUFFER)
@@ -169,11 +186,12 @@ class Pipeline:
 
     def _fail(self, exc: BaseException) -> None:
         self.state = State.FAILED
-        self.failure = "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(exc))
+        # Only exception types: messages from plugins might quote request content.
+        self.failure = ", ".join(type(e).__name__ for e in _leaves(exc))
         log.critical("pipeline %r failed; not ready until restarted", self.config.name, exc_info=exc)
         error = RequestError(ErrorKind.INTERNAL, "the server's pipeline failed; see the server log")
         for request in list(self._inflight):
-            request.fail(error)
+            request.fail(error)  # done: the decoder stops generating for it
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

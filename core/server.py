@@ -17,6 +17,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from quart import Response
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from .config import PipelineConfig
 from .pipeline import Pipeline
@@ -49,13 +50,11 @@ def create_app(pipeline: Pipeline) -> QuartTrio:
             body["error"] = pipeline.failure
         return _json(body, 200 if pipeline.ready else 503)
 
-    @app.errorhandler(404)
-    async def not_found(_error: Exception) -> Response:
-        return _json({"type": "error", "error": {"type": "not_found_error", "message": "no such route"}}, 404)
-
-    @app.errorhandler(405)
-    async def not_allowed(_error: Exception) -> Response:
-        return _json({"type": "error", "error": {"type": "invalid_request_error", "message": "method not allowed"}}, 405)
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        kind = {404: "not_found_error", 413: "request_too_large"}.get(error.code or 500, "invalid_request_error")
+        body = {"type": "error", "error": {"type": kind, "message": error.description or error.name}}
+        return _json(body, error.code or 500)
 
     return app
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import trio
 from pydantic import BaseModel, ConfigDict
 
-from .errors import RequestError
+from .errors import ErrorKind, RequestError
 from .items import Incoming
 
 if TYPE_CHECKING:
@@ -85,7 +85,11 @@ class Stage:
         """Prepare before the first item (the pipeline waits for every stage's setup)."""
 
     async def process(self, item: Any) -> Any | None:
-        """Handle one item; return the item to send on, or None to send nothing."""
+        """Handle one item and return the item to send on.
+
+        Returning None is allowed only after finishing the request (``item.request.push`` of a
+        ``Finished``/``Failed``); a request dropped without an answer is failed as a stage bug.
+        """
         return item
 
     async def run(
@@ -109,7 +113,11 @@ class Stage:
         if item.request.done:
             return None
         try:
-            return await self.process(item)
+            out = await self.process(item)
         except RequestError as error:
             item.request.fail(error)
             return None
+        if out is None and not item.request.done:
+            log.error("stage %r dropped request %s without answering it", self.name, item.request.id)
+            item.request.fail(RequestError(ErrorKind.INTERNAL, f"stage {self.name!r} dropped the request"))
+        return out

@@ -84,6 +84,8 @@ def model_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]
         raise GGUFError(f"GGUF architecture {arch!r} is not supported yet (supported: llama)")
     heads = _scalar(meta, "llama.attention.head_count")
     hidden = _scalar(meta, "llama.embedding_length")
+    if heads <= 0 or hidden <= 0 or hidden % heads:
+        raise GGUFError(f"GGUF has {heads} attention heads for an embedding of {hidden}")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
         raise GGUFError("GGUF metadata lacks tokenizer.ggml.tokens")
@@ -223,6 +225,11 @@ def convert(gguf: Path, out_dir: Path, dtype: str) -> None:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out_dir / "config.json").exists():
+            raise
+        # another process finished the same conversion first: use theirs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

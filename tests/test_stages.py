@@ -296,3 +296,22 @@ def test_persist_keeps_the_state_for_the_next_turn():
     assert first.kv_state is None  # handed to the store
     match = store.lookup("a", (1, 2, 3, 4, 5, 6, 7, 8))
     assert match.length == 7 and len(store) == 1
+
+
+def test_a_stage_that_drops_a_request_fails_it_instead_of_leaving_it_hanging():
+    from semantic.stage import Stage
+
+    class Forgetful(Stage):
+        name = "forgetful"
+
+        async def process(self, item):
+            return None
+
+    async def main():
+        async with stage_context(worker=False) as ctx:
+            item = incoming("x")
+            assert await run_stage(Forgetful(None, ctx), [item]) == []
+            return item
+
+    err = failure(run(main)).error
+    assert err.kind is ErrorKind.INTERNAL and "forgetful" in err.message

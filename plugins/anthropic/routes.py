@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import ValidationError
 from quart import Blueprint, Response, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from semantic.errors import ErrorKind, RequestError
 from semantic.items import Incoming
@@ -67,6 +68,8 @@ async def _read_request(max_bytes: int) -> tuple[MessagesRequest, int]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(ErrorKind.INVALID_REQUEST, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(ErrorKind.INVALID_REQUEST, "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError(ErrorKind.INVALID_REQUEST, "request body must be a JSON object")
     try:
@@ -129,6 +132,24 @@ async def _stream(ex: _Exchange, first: Started, events: AsyncIterator[Event]) -
         ex.handle.cancel()  # no-op when finished; stops generation when the client went away
 
 
+class _SSEBody:
+    """The SSE body. However the response ends — finished, client gone, never started — the
+    request is cancelled (a no-op once it has finished), so nothing generates for nobody."""
+
+    def __init__(self, ex: _Exchange, first: Started, events: AsyncIterator[Event]) -> None:
+        self._gen = _stream(ex, first, events)
+        weakref.finalize(self, ex.handle.cancel)
+
+    def __aiter__(self) -> _SSEBody:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+
+
 async def _complete(ex: _Exchange, events: AsyncIterator[Event]) -> Response:
     text: list[str] = []
     try:
@@ -176,15 +197,27 @@ def blueprint(pipeline: Any) -> Blueprint:
             return error_response(e)
         ex = _Exchange(req, handle)
         events = handle.events()
-        if not req.stream:
-            return await _complete(ex, events)
-        first = await anext(events, None)
+        try:
+            if not req.stream:
+                return await _complete(ex, events)
+            first = await anext(events, None)
+        except BaseException:  # the client left while the request waited
+            handle.cancel()
+            raise
         if not isinstance(first, Started):
             handle.cancel()
             error = first.error if isinstance(first, Failed) else RequestError(ErrorKind.INTERNAL, "no response")
             return error_response(error)
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-        return Response(_stream(ex, first, events), mimetype="text/event-stream", headers=headers)
+        return Response(_SSEBody(ex, first, events), mimetype="text/event-stream", headers=headers)
+
+    @bp.errorhandler(Exception)
+    async def unexpected(error: Exception) -> Response:
+        if isinstance(error, HTTPException):
+            kind = {404: ErrorKind.NOT_FOUND, 413: ErrorKind.TOO_LARGE}.get(error.code or 500, ErrorKind.INVALID_REQUEST)
+            return error_response(RequestError(kind, error.description or error.name))
+        log.exception("unexpected error in the anthropic protocol")
+        return error_response(RequestError(ErrorKind.INTERNAL, f"internal error ({type(error).__name__})"))
 
     @bp.get("/v1/models")
     async def models() -> Response:

@@ -5,7 +5,7 @@ Unknown fields are accepted and ignored, as the API's clients (Claude Code) send
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,7 +42,7 @@ class MessagesRequest(_Open):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    stop_sequences: list[str] | None = None
+    stop_sequences: list[Annotated[str, Field(max_length=256)]] | None = Field(None, max_length=32)
     metadata: dict[str, Any] | None = None
 
 

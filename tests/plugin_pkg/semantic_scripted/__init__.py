@@ -10,6 +10,7 @@ It adds:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,13 @@ from semantic.model import ChatMessage, Generation, KVState, LoaderSpec, Model, 
 from semantic.stage import SAME, NoSettings, Stage
 
 EOS, START, END = 0, 1, 2
+MLX_THREAD = "semantic-mlx"  # models run only on the engine's MLX worker thread; checked here
+
+
+def _on_worker_thread() -> None:
+    name = threading.current_thread().name
+    if name != MLX_THREAD:
+        raise AssertionError(f"model used on thread {name!r}, not the MLX worker")
 OFFSET = 3  # token id of byte b is b + OFFSET
 
 
@@ -66,6 +74,7 @@ class _Gen(Generation):
         self.fed: list[int] = []
 
     def __iter__(self) -> Iterator[int]:
+        _on_worker_thread()
         for token in self.reply[: self.params.max_tokens]:
             if self.model.options.token_delay_s:
                 time.sleep(self.model.options.token_delay_s)
@@ -73,6 +82,7 @@ class _Gen(Generation):
             yield token
 
     def kv_state(self) -> KVState:
+        _on_worker_thread()
         tokens = tuple(self.prompt + self.fed)
         return KVState(tokens, None, len(tokens) * self.model.info.kv_bytes_per_token)
 
@@ -83,8 +93,10 @@ class ScriptedModel(Model):
         self.tokenizer = ScriptedTokenizer()
         self.info = ModelInfo(name, f"scripted:{options.reply!r}", options.context_length, 100, "scripted")
         self.calls: list[tuple[int, int]] = []  # (prompt length, reused prefix length) per generate
+        self.generations: list[_Gen] = []
 
     def generate(self, prompt, prefix, prefix_len, params) -> Generation:
+        _on_worker_thread()
         prompt = list(prompt)
         if prefix is not None and list(prefix.tokens[:prefix_len]) != prompt[:prefix_len]:
             raise AssertionError("cache prefix does not match the prompt")
@@ -98,7 +110,9 @@ class ScriptedModel(Model):
         if reply is None:
             last_user = text.rsplit("user\n", 1)[-1].split("assistant\n")[0]
             reply = f"You said: {last_user}"
-        return _Gen(self, prompt, [*self.tokenizer.encode(reply), EOS], params)
+        gen = _Gen(self, prompt, [*self.tokenizer.encode(reply), EOS], params)
+        self.generations.append(gen)
+        return gen
 
 
 def load_scripted(source: str, options: ScriptedOptions, context) -> ScriptedModel:
