@@ -17,7 +17,8 @@ class EntryStats:
     created: float
     last_used: float
     uses: int
-    shared: bool = False
+    shared: bool = False  # used by more than one agent (e.g. a common system prompt)
+    depth: int = 0  # a block's position in its prompt (0 = first); deeper blocks depend on earlier
 
 
 class EvictionPolicy(Protocol):

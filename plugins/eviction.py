@@ -7,10 +7,10 @@ from semantic.eviction import EntryStats, PolicySpec
 
 
 class LRU:
-    """Least recently used goes first."""
+    """Least recently used goes first; among equals the deepest block (a prompt's tail first)."""
 
-    def priority(self, entry: EntryStats) -> float:
-        return entry.last_used
+    def priority(self, entry: EntryStats) -> tuple[float, int]:
+        return (entry.last_used, -entry.depth)
 
 
 class LFU:
@@ -19,8 +19,8 @@ class LFU:
     Keeps agents that keep coming back (and prefixes many requests share) over one-off requests.
     """
 
-    def priority(self, entry: EntryStats) -> tuple[int, float]:
-        return (entry.uses, entry.last_used)
+    def priority(self, entry: EntryStats) -> tuple[int, float, int]:
+        return (entry.uses, entry.last_used, -entry.depth)
 
 
 @hookimpl
