@@ -19,7 +19,8 @@ import trio
 from .config import LimitsConfig
 from .eviction import EvictionPolicy
 from .items import Incoming
-from .kv_store import KVStore
+from .block_cache import BlockCache
+from .disk_store import DiskStore
 from .model import ChatMessage, Model, SamplingParams
 from .request import Event, RequestHandle
 from .stage import Stage, StageContext
@@ -27,8 +28,8 @@ from .worker import MLXWorker
 
 
 class _OldestFirst:
-    def priority(self, entry: Any) -> float:
-        return entry.last_used
+    def priority(self, entry: Any) -> tuple[float, int]:
+        return (entry.last_used, -entry.depth)
 
 
 @asynccontextmanager
@@ -36,17 +37,22 @@ async def stage_context(
     *,
     model: Model | None = None,
     limits: LimitsConfig | None = None,
-    cache_bytes: int = 1 << 30,
+    cache_bytes: int = 8 << 20,
+    block_tokens: int = 16,
     policy: EvictionPolicy | None = None,
+    disk: DiskStore | None = None,
     worker: bool | MLXWorker = True,
 ) -> AsyncIterator[StageContext]:
-    """A :class:`StageContext` with an MLX worker thread and an in-memory KV store.
+    """A :class:`StageContext` with an MLX worker thread and, given a model, its block cache.
 
     ``worker``: True starts (and later stops) a worker of its own; an :class:`MLXWorker` is used
     as it is (the one that loaded ``model``); False gives none.
     """
     ctx = StageContext(limits=limits or LimitsConfig(), model=model)
-    ctx.store = KVStore(cache_bytes, policy or _OldestFirst())
+    if model is not None:
+        ctx.cache = BlockCache(
+            model, block_tokens=block_tokens, memory_bytes=cache_bytes, policy=policy or _OldestFirst(), metrics=ctx.metrics, disk=disk
+        )
     own = MLXWorker() if worker is True else None
     if own is not None:
         own.start()

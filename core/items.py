@@ -49,6 +49,7 @@ class Tokenized(Identified):
     prompt_tokens: tuple[int, ...]
     prefix: KVState | None = None
     prefix_len: int = 0
+    cache_blocks: Any = None  # pool blocks reserved for this request's new tokens
 
 
 @dataclass(slots=True, kw_only=True)

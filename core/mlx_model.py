@@ -6,6 +6,7 @@ Model plugins that end with an mlx-lm model directory (GGUF onboarding, local ml
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,14 +86,36 @@ class _MLXGeneration(Generation):
         return KVState(tuple(tokens), self._caches, offset * self._model.info.kv_bytes_per_token)
 
 
+def _copy_cache(cache: Any) -> Any:
+    """A cache that can be written without touching ``cache``: new array objects, same data.
+
+    (MLX slice assignment rewrites the Python array object it is called on, so two caches must
+    never share array objects.)
+    """
+    new = copy.copy(cache)
+    for attr in ("keys", "values"):
+        value = getattr(cache, attr, None)
+        if value is not None:
+            setattr(new, attr, value[...])
+    return new
+
+
 class MLXLMModel(Model):
     """An mlx-lm ``nn.Module`` plus tokenizer; caches are lists of per-layer ``KVCache``."""
 
-    def __init__(self, module: Any, tokenizer: HFChatTokenizer, info: ModelInfo, prefill_step: int = 512):
+    def __init__(
+        self,
+        module: Any,
+        tokenizer: HFChatTokenizer,
+        info: ModelInfo,
+        prefill_step: int = 512,
+        kv_shape: tuple[int, int, int, str] = (0, 0, 0, "float32"),
+    ):
         self.module = module
         self.tokenizer = tokenizer
         self.info = info
         self.prefill_step = prefill_step
+        self._layers, self._kv_heads, self._head_dim, self._kv_dtype = kv_shape
 
     def generate(
         self,
@@ -104,15 +127,75 @@ class MLXLMModel(Model):
         from mlx_lm.models.cache import KVCache, make_prompt_cache
 
         caches = make_prompt_cache(self.module)
-        if prefix is not None and prefix_len > 0:
-            if not all(isinstance(c, KVCache) for c in caches):
-                raise RuntimeError("prefix reuse is only implemented for full-attention KV caches")
+        if prefix is not None and prefix.exclusive and prefix_len == len(prefix.tokens):
+            caches, prefix.exclusive = prefix.payload, False  # built for this request: adopt it
+        elif prefix is not None and prefix_len == len(prefix.tokens):
+            caches = [_copy_cache(c) for c in prefix.payload]  # any cache kind, used whole
+        elif prefix is not None and prefix_len > 0:
+            if not all(type(c) is KVCache for c in caches):
+                raise RuntimeError("partial prefix reuse needs full-attention KV caches")
             for new, old in zip(caches, prefix.payload, strict=True):
                 # Slicing makes new arrays: the stored prefix is never written through.
                 new.keys = old.keys[..., :prefix_len, :]
                 new.values = old.values[..., :prefix_len, :]
                 new.offset = prefix_len
         return _MLXGeneration(self, list(prompt), caches, params)
+
+    def split_kv(self, state: KVState, bounds: Sequence[tuple[int, int]]) -> list[Any]:
+        import mlx.core as mx
+
+        pieces = [
+            [(mx.contiguous(c.keys[..., a:b, :]), mx.contiguous(c.values[..., a:b, :])) for c in state.payload]
+            for a, b in bounds
+        ]
+        mx.eval([x for piece in pieces for kv in piece for x in kv])
+        return pieces
+
+    def join_kv(self, pieces: Sequence[tuple[Any, int]], tokens: Sequence[int]) -> KVState:
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        total = sum(n for _, n in pieces)
+        caches = make_prompt_cache(self.module)
+        for layer, cache in enumerate(caches):
+            ks = [piece[layer][0][..., :n, :] for piece, n in pieces]
+            vs = [piece[layer][1][..., :n, :] for piece, n in pieces]
+            # one concatenation per layer, with room for the next tokens so the first decode
+            # steps write in place instead of growing the buffer again
+            room = cache.step - total % cache.step
+            k0, v0 = ks[0], vs[0]
+            ks.append(mx.zeros((*k0.shape[:2], room, k0.shape[3]), k0.dtype))
+            vs.append(mx.zeros((*v0.shape[:2], room, v0.shape[3]), v0.dtype))
+            cache.keys, cache.values, cache.offset = mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2), total
+        mx.eval([x for c in caches for x in (c.keys, c.values)])
+        return KVState(tuple(tokens[:total]), caches, total * self.info.kv_bytes_per_token, exclusive=True)
+
+    def kv_to_arrays(self, payload: Any) -> dict[str, Any]:
+        import mlx.core as mx
+        import numpy as np
+
+        out = {}
+        for layer, (k, v) in enumerate(payload):
+            for name, x in ((f"{layer}.k", k), (f"{layer}.v", v)):
+                out[name] = np.array(x.view(mx.uint16)) if x.dtype == mx.bfloat16 else np.array(x)
+        return out
+
+    def kv_from_arrays(self, arrays: dict[str, Any]) -> Any:
+        import mlx.core as mx
+
+        def load(a: Any) -> Any:
+            x = mx.array(a)
+            return x.view(mx.bfloat16) if self._kv_dtype == "bfloat16" else x
+
+        layers = len(arrays) // 2
+        payload = [(load(arrays[f"{i}.k"]), load(arrays[f"{i}.v"])) for i in range(layers)]
+        mx.eval([x for kv in payload for x in kv])
+        return payload
+
+    def block_shapes(self, block_tokens: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        dtype = "uint16" if self._kv_dtype == "bfloat16" else self._kv_dtype
+        shape = (1, self._kv_heads, block_tokens, self._head_dim)
+        return {f"{i}.{kv}": (shape, dtype) for i in range(self._layers) for kv in ("k", "v")}
 
     def close(self) -> None:
         import gc
@@ -124,12 +207,18 @@ class MLXLMModel(Model):
         mx.clear_cache()
 
 
-def kv_bytes_per_token(config: dict[str, Any], dtype: str) -> int:
-    """Bytes of K and V per token over all layers, from an mlx-lm/HF ``config.json``."""
+def kv_shape(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) from an mlx-lm/HF ``config.json``."""
     layers = int(config["num_hidden_layers"])
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    return layers, kv_heads, head_dim
+
+
+def kv_bytes_per_token(config: dict[str, Any], dtype: str) -> int:
+    """Bytes of K and V per token over all layers."""
+    layers, kv_heads, head_dim = kv_shape(config)
     return 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 4)
 
 
@@ -152,11 +241,18 @@ def load_mlx_lm_dir(
     hf_tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     eos = config.get("eos_token_id", hf_tok.eos_token_id)
     eos_ids = eos if isinstance(eos, list) else [eos]
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    layers, kv_heads, head_dim = kv_shape(config)
+    kinds = ["full" if type(c) is KVCache else type(c).__name__ for c in make_prompt_cache(module)]
     info = ModelInfo(
         name=name,
         fingerprint=fingerprint,
         context_length=int(config.get("max_position_embeddings") or 2048),
         kv_bytes_per_token=kv_bytes_per_token(config, activation_dtype),
         family=str(config.get("model_type", "unknown")),
+        cache_layout=f"{','.join(sorted(set(kinds)))}:{layers}x{kv_heads}x{head_dim}:{activation_dtype}",
+        pageable=all(k == "full" for k in kinds) and len(kinds) == layers,
     )
-    return MLXLMModel(module, HFChatTokenizer(hf_tok, [e for e in eos_ids if e is not None]), info, prefill_step)
+    tokenizer = HFChatTokenizer(hf_tok, [e for e in eos_ids if e is not None])
+    return MLXLMModel(module, tokenizer, info, prefill_step, (layers, kv_heads, head_dim, activation_dtype))

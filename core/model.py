@@ -35,25 +35,35 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """Facts about a loaded model that stages and protocols rely on."""
+    """Facts about a loaded model that stages and protocols rely on.
+
+    ``cache_layout`` describes the KV cache for the block pool, e.g.
+    ``"full:30x3x64:float32"``; ``pageable`` says whether its KV can be cut into token blocks
+    and joined again (every layer full attention). Models with sliding-window layers are not
+    pageable: they get exact-match reuse only.
+    """
 
     name: str
     fingerprint: str
     context_length: int
     kv_bytes_per_token: int
     family: str = "unknown"
+    cache_layout: str = ""
+    pageable: bool = False
 
 
 @dataclass(slots=True)
 class KVState:
     """A model's KV cache covering exactly ``tokens``; ``payload`` is the model's own object.
 
-    Nothing outside the model that made it looks inside ``payload``.
+    Nothing outside the model that made it looks inside ``payload``. ``exclusive`` marks a state
+    built for one request (joined from blocks): ``generate`` may adopt it instead of copying.
     """
 
     tokens: tuple[int, ...]
     payload: Any = None
     nbytes: int = 0
+    exclusive: bool = False
 
 
 class StreamDecoder(Protocol):
@@ -119,6 +129,28 @@ class Model(ABC):
 
     def close(self) -> None:
         """Release what the model holds (weights, buffers). Called on the MLX worker thread."""
+
+    # --- block pool support (pageable models; all on the MLX worker thread) -------------------
+
+    def split_kv(self, state: KVState, bounds: Sequence[tuple[int, int]]) -> list[Any]:
+        """Independent copies of ``state``'s KV for each token range ``[start, stop)``."""
+        raise TypeError(f"{type(self).__name__} does not support block caching")
+
+    def join_kv(self, pieces: Sequence[tuple[Any, int]], tokens: Sequence[int]) -> KVState:
+        """One exclusive KVState from block payloads, using the first ``n`` tokens of each."""
+        raise TypeError(f"{type(self).__name__} does not support block caching")
+
+    def kv_to_arrays(self, payload: Any) -> dict[str, Any]:
+        """A block payload as named numpy arrays (for disk)."""
+        raise TypeError(f"{type(self).__name__} does not support block caching")
+
+    def kv_from_arrays(self, arrays: dict[str, Any]) -> Any:
+        """The payload for named numpy arrays read back from disk (shapes already checked)."""
+        raise TypeError(f"{type(self).__name__} does not support block caching")
+
+    def block_shapes(self, block_tokens: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name → (shape, dtype) every stored block of ``block_tokens`` tokens must have."""
+        raise TypeError(f"{type(self).__name__} does not support block caching")
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,8 @@ import trio
 from .config import ConfigError, Issue, PipelineConfig, stage_chain_issues
 from .errors import ErrorKind, RequestError
 from .items import Generated, Incoming
-from .kv_store import KVStore
+from .block_cache import BlockCache
+from .disk_store import DiskStore
 from .model import LoadContext, Model
 from .paths import cache_dir
 from .plugin_manager import Registry
@@ -129,6 +130,42 @@ class Pipeline:
         log.info("loading model %s with %s", spec.name, spec.plugin)
         return await worker.call(loader.load, spec.source, options, context)
 
+    async def _build_cache(self) -> BlockCache:
+        """The block pool for the loaded model, and its disk store with the index rebuilt."""
+        cfg, model = self.config.cache, self.model
+        policies = self.registry.policies[self.config.eviction.policy]
+        cache = BlockCache(
+            model,
+            block_tokens=cfg.block_tokens,
+            memory_bytes=int(cfg.memory_mb * 1024 * 1024),
+            policy=policies.factory(),
+            metrics=self.context.metrics,
+        )
+        if model.info.pageable and cfg.disk_mb > 0:
+            root = Path(cfg.disk_dir).expanduser() if cfg.disk_dir else cache_dir() / "kv"
+            if cfg.disk_dir and not root.is_absolute() and self.base_dir is not None:
+                root = self.base_dir / root
+            disk = DiskStore(
+                root / cache.root.hex(),
+                fingerprint=model.info.fingerprint,
+                layout=model.info.cache_layout,
+                block_tokens=cfg.block_tokens,
+                shapes=model.block_shapes(cfg.block_tokens),
+                budget_bytes=int(cfg.disk_mb * 1024 * 1024),
+                policy=policies.factory(),
+            )
+            report = await trio.to_thread.run_sync(disk.scan)
+            log.info(
+                "KV disk index rebuilt: %d blocks, %.1f MB in %.2f s (%d skipped, %d quarantined)",
+                report["blocks"], report["bytes"] / 1e6, report["seconds"], report["skipped"], disk.counters["disk_quarantined"],
+            )
+            self.context.metrics.counters.update(
+                {"disk_index_seconds": report["seconds"], "cache_disk_bytes": report["bytes"], **disk.counters}
+            )
+            cache.disk = disk
+        log.info("KV block pool: %d blocks of %d tokens (%.1f MB each)", cache.pool.num_blocks, cfg.block_tokens, cache.pool.block_bytes / 1e6)
+        return cache
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load, start every stage, report started, then run until closed (or a stage crashes)."""
         owns_worker = self._worker is None
@@ -139,8 +176,7 @@ class Pipeline:
         try:
             if owns_model:
                 self.context.model = await self._load_model(worker)
-            policy = self.registry.policies[self.config.eviction.policy].factory()
-            self.context.store = KVStore(int(self.config.cache.memory_mb * 1024 * 1024), policy)
+            self.context.cache = await self._build_cache()
             self.stages = self.build_stages()
             await self._run_stages(task_status)
         finally:

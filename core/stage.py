@@ -23,7 +23,7 @@ from .items import Incoming
 
 if TYPE_CHECKING:
     from .config import LimitsConfig
-    from .kv_store import KVStore
+    from .block_cache import BlockCache
     from .model import Model
     from .worker import MLXWorker
 
@@ -58,12 +58,12 @@ class Metrics:
 
 @dataclass
 class StageContext:
-    """What stages share: the loaded model, its worker thread, limits, the KV store, metrics."""
+    """What stages share: the loaded model, its worker thread, limits, the KV cache, metrics."""
 
     limits: LimitsConfig
     model: Model | None = None
     worker: MLXWorker | None = None
-    store: KVStore | None = None
+    cache: BlockCache | None = None
     accepts_model: Callable[[str], bool] = lambda name: True
     metrics: Metrics = field(default_factory=Metrics)
 

@@ -8,27 +8,18 @@ from semantic.stage import SAME, Stage
 
 
 class CacheLookup(Stage):
-    """Attaches the best cached KV state (own agent first, then any sharing the prefix)."""
+    """Joins the longest cached prefix (memory blocks, disk blocks, the agent's tail) into the
+    request's starting KV state, and reserves pool blocks for the tokens it will add."""
 
     name = "cache-lookup"
     takes = Tokenized
     gives = SAME
-    description = "Reuse of a kept KV cache whose tokens start the new prompt."
+    description = "Longest cached prefix from the block pool (memory, then disk); block reservation."
 
     async def process(self, item: Tokenized) -> Tokenized:
-        store = self.context.store
-        if store is None:
-            return item
-        match = store.lookup(item.agent_id, item.prompt_tokens)
-        # At least one prompt token must be fed to the model to get the next token's logits.
-        length = min(match.length, len(item.prompt_tokens) - 1) if match else 0
-        metrics = self.context.metrics
-        if length > 0:
-            metrics.inc("cache_hits")
-            metrics.inc("cache_hit_tokens", length)
-            item.prefix, item.prefix_len = match.state, length
-        else:
-            metrics.inc("cache_misses")
+        cache, worker = self.context.cache, self.context.worker
+        if cache is not None and worker is not None:
+            await cache.prepare(item, worker)
         return item
 
 

@@ -1,33 +1,74 @@
-"""persist: keep the finished request's KV cache so the agent's next turn starts warm."""
+"""persist: keep the finished request's KV blocks for later turns, in memory and on disk."""
 
 from __future__ import annotations
 
+import logging
+
+import trio
+from pydantic import Field
+
 from semantic import hookimpl
+from semantic.block_cache import NewBlock
 from semantic.items import Generated
-from semantic.stage import SAME, Stage
+from semantic.stage import SAME, NoSettings, Stage
+
+log = logging.getLogger(__name__)
+
+
+class PersistSettings(NoSettings):
+    write_queue: int = Field(256, ge=1, description="Blocks waiting to be written; beyond it, writes are skipped.")
 
 
 class Persist(Stage):
-    """Stores the request's KV state as its agent's entry (memory only for now)."""
+    """Puts new full blocks in the pool and the partial tail under the agent; a background task
+    writes the new blocks to disk (atomic safetensors files) without holding up the pipeline."""
 
     name = "persist"
     takes = Generated
     gives = SAME
-    description = "Keeps each agent's last KV cache in memory, within the cache budget."
+    Settings = PersistSettings
+    description = "New KV blocks into the pool, written to disk in the background."
+
+    async def run(self, inbox, outbox, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await self.setup()
+        self._writes, pending = trio.open_memory_channel[NewBlock](self.settings.write_queue)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_blocks, pending)
+            async with self._writes, inbox, outbox:
+                async for item in inbox:
+                    out = await self.guarded(item)
+                    if out is not None:
+                        await outbox.send(out)
 
     async def process(self, item: Generated) -> Generated:
-        store, state = self.context.store, item.kv_state
-        if store is None or state is None or not state.tokens:
-            return item
-        reused = item.prefix_len if item.prefix is not None else 0
-        evicted = store.put(item.agent_id, state)
-        metrics = self.context.metrics
-        metrics.inc("evictions", len(evicted))
-        metrics.counters["cache_bytes"] = store.nbytes
-        if item.agent_id not in evicted:
-            item.cache_created_tokens = max(0, min(len(state.tokens), len(item.prompt_tokens)) - reused)
-        item.kv_state = None  # the store owns it now; the rest of the pipeline must not hold it
+        cache, worker = self.context.cache, self.context.worker
+        if cache is not None and worker is not None:
+            for block in await cache.store(item, worker):
+                if cache.disk is None:
+                    break
+                try:
+                    self._writes.send_nowait(block)
+                except trio.WouldBlock:
+                    self.context.metrics.inc("disk_writes_skipped")
+        item.kv_state = None  # the cache holds what it keeps; the rest of the pipeline must not
         return item
+
+    async def _write_blocks(self, pending: trio.MemoryReceiveChannel[NewBlock]) -> None:
+        """Write queued blocks; runs until persist's inbox closes and the queue is drained."""
+        cache, worker = self.context.cache, self.context.worker
+        async with pending:
+            async for block in pending:
+                if cache is None or cache.disk is None or worker is None:
+                    continue
+                disk = cache.disk
+                arrays = await worker.call(cache.model.kv_to_arrays, block.payload)
+                written = await trio.to_thread.run_sync(disk.write, block.block_hash, block.parent, block.depth, block.tokens, arrays)
+                if written:
+                    await trio.to_thread.run_sync(disk.enforce_budget)
+                metrics = self.context.metrics
+                metrics.counters["cache_disk_bytes"] = disk.nbytes
+                metrics.counters.update(disk.counters)
 
 
 @hookimpl

@@ -133,9 +133,23 @@ def start_server():
         assert server.stop() == 0, "".join(server.output)
 
 
+def pipeline_copy(folder: Path, name: str = "default", **cache: object) -> Path:
+    """A shipped pipeline with its ``cache:`` settings changed (e.g. a private ``disk_dir``)."""
+    import yaml
+
+    from semantic.pipelines import shipped
+
+    data = yaml.safe_load(shipped()[name].read_text())
+    data["cache"].update(cache)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture(scope="module")
-def real_server():
-    """``semantic serve`` on the shipped default pipeline (the embedded model)."""
-    server = ServerProcess("default")
+def real_server(tmp_path_factory):
+    """``semantic serve`` on the shipped default pipeline (the embedded model), private KV disk."""
+    folder = tmp_path_factory.mktemp("real-server")
+    server = ServerProcess(str(pipeline_copy(folder, disk_dir=str(folder / "kv"))))
     yield server
     assert server.stop() == 0, "".join(server.output)

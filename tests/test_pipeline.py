@@ -60,7 +60,7 @@ def test_third_party_pipeline_runs_with_its_stage_policy_and_model(registry):
             first = await collect(pipeline, incoming("hello", model="claude-x", max_tokens=100))
             turn2 = [ChatMessage("user", "hello"), ChatMessage("assistant", "You said: hello"), ChatMessage("user", "again")]
             second = await collect(pipeline, incoming(turn2, model="test-model", max_tokens=100))
-            policy = type(pipeline.context.store.policy).__name__
+            policy = type(pipeline.context.cache.pool.policy).__name__
             pipeline.close()
         return model, first, second, policy, pipeline.state
 

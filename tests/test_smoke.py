@@ -17,11 +17,11 @@ def test_sdk_non_streaming_and_streaming(real_server):
     assert "Paris" in msg.content[0].text and msg.stop_reason == "end_turn"
     assert msg.usage.input_tokens + msg.usage.cache_read_input_tokens > 20
 
-    with client.messages.stream(model="smollm2-135m-instruct", max_tokens=30, messages=QUESTION, extra_body={"temperature": 0}) as stream:
+    with client.messages.stream(model="claude-local", max_tokens=30, messages=QUESTION, extra_body={"temperature": 0}) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert "Paris" in text and final.content[0].text == text
-    # the same prompt again: all but the last prompt token comes from the cache
+    # the same prompt again, same agent: all but the last prompt token comes from its cached tail
     assert final.usage.cache_read_input_tokens == final.usage.input_tokens + final.usage.cache_read_input_tokens - 1
 
 

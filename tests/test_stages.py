@@ -146,7 +146,7 @@ def test_tokenize_keeps_output_within_the_model_context(scripted):
     assert len(item.prompt_tokens) + item.params.max_tokens == 64
 
 
-# --- cache-lookup -------------------------------------------------------------------------------
+# --- cache-lookup ---------------------------------------------------------------------------
 
 
 def _tokenized(tokens, agent="a", **kw) -> Tokenized:
@@ -154,20 +154,51 @@ def _tokenized(tokens, agent="a", **kw) -> Tokenized:
     return base.advance(Tokenized, agent_id=agent, prompt_tokens=tuple(tokens))
 
 
-def test_cache_lookup_attaches_the_longest_cached_prefix():
-    async def main():
-        async with stage_context(worker=False) as ctx:
-            ctx.store.put("a", KVState((1, 2, 3, 4), None, 40))
-            ctx.store.put("b", KVState((1, 2, 9), None, 30))
-            items = [_tokenized([1, 2, 3, 4, 5, 6]), _tokenized([1, 2, 9, 9], agent="c"), _tokenized([7, 8]), _tokenized([1, 2, 3, 4])]
-            return await run_stage(CacheLookup(None, ctx), items), ctx.metrics.counters
+def _finished(item: Tokenized, output=(), **kw) -> Generated:
+    tokens = item.prompt_tokens + tuple(output)
+    return item.advance(Generated, stop_reason="end_turn", output_tokens=len(output), kv_state=KVState(tokens, tokens, 100 * len(tokens)), **kw)
 
-    (own, shared, miss, whole), counters = run(main)
-    assert own.prefix_len == 4 and own.prefix.tokens == (1, 2, 3, 4)
-    assert shared.prefix_len == 3 and shared.prefix.tokens == (1, 2, 9)  # another agent's prefix
-    assert miss.prefix is None and miss.prefix_len == 0
-    assert whole.prefix_len == 3  # one token must be left for prefill
-    assert counters["cache_hits"] == 3 and counters["cache_misses"] == 1
+
+def test_cache_lookup_finds_blocks_tails_and_shared_prefixes(scripted):
+    """Block size 4: full blocks are shared by hash; the partial tail only with its own agent."""
+    model = scripted()
+
+    async def main():
+        async with stage_context(model=model, block_tokens=4) as ctx:
+            first = _tokenized(range(10))  # blocks [0-3] [4-7], tail [8, 9]
+            (looked,) = await run_stage(CacheLookup(None, ctx), [first])
+            await run_stage(Persist(None, ctx), [_finished(looked, output=(50, 51))])  # tail 8 9 50 51 → full block
+            probes = [
+                _tokenized([*range(12), 7, 7]),  # own agent: 3 full blocks (incl. 8 9 50 51? no: differs)
+                _tokenized([*range(10), 50, 51, 1, 2], agent="a"),  # all 12 cached tokens
+                _tokenized([*range(10), 50, 51, 1, 2], agent="b"),  # another agent: full blocks only
+                _tokenized([*range(9), 99, 1], agent="a"),  # diverges inside block 3
+                _tokenized([7, 7, 7, 7, 7], agent="c"),
+            ]
+            out = await run_stage(CacheLookup(None, ctx), probes)
+            for item in out:
+                item.request.cancel()  # releases its reservation
+            return out, ctx
+
+    out, ctx = run(main)
+    assert [o.prefix_len for o in out] == [8, 12, 12, 8, 0]
+    for o in out[:4]:
+        assert o.prefix.tokens == o.prompt_tokens[: o.prefix_len]  # the scripted model checks the KV data too
+    assert ctx.cache.pool.num_used == 0  # pins and reservations all released
+    assert ctx.metrics.counters["cache_misses"] == 2 and ctx.metrics.counters["cache_hits"] == 4
+
+
+def test_cache_lookup_refuses_when_the_pool_cannot_hold_the_request(scripted):
+    async def main():
+        async with stage_context(model=scripted(), block_tokens=4, cache_bytes=100 * 4 * 5) as ctx:  # 5 blocks
+            big, small = _tokenized(range(10), max_tokens=40), _tokenized(range(6), max_tokens=4)
+            out = await run_stage(CacheLookup(None, ctx), [big, small])
+            return big, out, ctx
+
+    big, out, ctx = run(main)
+    err = failure(big).error
+    assert err.kind is ErrorKind.OVERLOADED and err.retry_after and "pool is full" in err.message
+    assert len(out) == 1 and len(out[0].cache_blocks.blocks) == 3 and ctx.cache.pool.num_used == 3
 
 
 # --- schedule ---------------------------------------------------------------------------------
@@ -281,37 +312,23 @@ def test_decode_stops_a_cancelled_request_within_a_token(scripted):
 # --- persist ----------------------------------------------------------------------------------
 
 
-def test_persist_keeps_the_state_for_the_next_turn():
-    async def main():
-        async with stage_context(worker=False) as ctx:
-            item = _tokenized([1, 2, 3, 4]).advance(Generated, stop_reason="end_turn", output_tokens=2, kv_state=KVState((1, 2, 3, 4, 5), None, 50))
-            warm = _tokenized([1, 2, 3, 4, 5, 6]).advance(
-                Generated, prefix=KVState((1, 2, 3), None, 30), prefix_len=3, stop_reason="end_turn", output_tokens=1, kv_state=KVState((1, 2, 3, 4, 5, 6, 7), None, 70)
-            )
-            out = await run_stage(Persist(None, ctx), [item, warm])
-            return out, ctx.store
-
-    (first, second), store = run(main)
-    assert first.cache_created_tokens == 4 and second.cache_created_tokens == 3
-    assert first.kv_state is None  # handed to the store
-    match = store.lookup("a", (1, 2, 3, 4, 5, 6, 7, 8))
-    assert match.length == 7 and len(store) == 1
-
-
-def test_a_stage_that_drops_a_request_fails_it_instead_of_leaving_it_hanging():
-    from semantic.stage import Stage
-
-    class Forgetful(Stage):
-        name = "forgetful"
-
-        async def process(self, item):
-            return None
+def test_persist_stores_new_blocks_and_the_tail(scripted):
+    model = scripted()
 
     async def main():
-        async with stage_context(worker=False) as ctx:
-            item = incoming("x")
-            assert await run_stage(Forgetful(None, ctx), [item]) == []
-            return item
+        async with stage_context(model=model, block_tokens=4) as ctx:
+            (first,) = await run_stage(CacheLookup(None, ctx), [_tokenized(range(6))])
+            (a,) = await run_stage(Persist(None, ctx), [_finished(first, output=(90, 91, 92))])
+            (again,) = await run_stage(CacheLookup(None, ctx), [_tokenized([*range(6), 90, 91, 92, 5, 5])])
+            (b,) = await run_stage(Persist(None, ctx), [_finished(again, output=(1,))])
+            return a, b, again, ctx
 
-    err = failure(run(main)).error
-    assert err.kind is ErrorKind.INTERNAL and "forgetful" in err.message
+    a, b, again, ctx = run(main)
+    assert a.cache_created_tokens == 6 and a.kv_state is None  # the whole prompt is new
+    assert again.prefix_len == 9  # two full blocks and the agent's tail [8:9]
+    assert b.cache_created_tokens == 2  # prompt tokens 9 and 10 were new
+    pool = ctx.cache.pool
+    assert pool.num_cached == 3 and pool.num_used == 0  # blocks 0-3, 4-7, 8-11 kept; nothing held
+    assert "a" not in ctx.cache.tails  # 12 tokens: no partial tail left
+
+

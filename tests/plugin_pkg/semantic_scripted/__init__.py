@@ -84,21 +84,26 @@ class _Gen(Generation):
     def kv_state(self) -> KVState:
         _on_worker_thread()
         tokens = tuple(self.prompt + self.fed)
-        return KVState(tokens, None, len(tokens) * self.model.info.kv_bytes_per_token)
+        # the "KV data" of a scripted model is the token ids themselves: joins can be checked
+        return KVState(tokens, tokens, len(tokens) * self.model.info.kv_bytes_per_token)
 
 
 class ScriptedModel(Model):
     def __init__(self, name: str, options: ScriptedOptions) -> None:
         self.options = options
         self.tokenizer = ScriptedTokenizer()
-        self.info = ModelInfo(name, f"scripted:{options.reply!r}", options.context_length, 100, "scripted")
+        self.info = ModelInfo(
+            name, f"scripted:{options.reply!r}", options.context_length, 100, "scripted", cache_layout="scripted", pageable=True
+        )
         self.calls: list[tuple[int, int]] = []  # (prompt length, reused prefix length) per generate
         self.generations: list[_Gen] = []
 
     def generate(self, prompt, prefix, prefix_len, params) -> Generation:
         _on_worker_thread()
         prompt = list(prompt)
-        if prefix is not None and list(prefix.tokens[:prefix_len]) != prompt[:prefix_len]:
+        if prefix is not None and (
+            list(prefix.tokens[:prefix_len]) != prompt[:prefix_len] or list(prefix.payload[:prefix_len]) != prompt[:prefix_len]
+        ):
             raise AssertionError("cache prefix does not match the prompt")
         if prefix_len >= len(prompt):
             raise AssertionError("no prompt token left to prefill")
@@ -113,6 +118,31 @@ class ScriptedModel(Model):
         gen = _Gen(self, prompt, [*self.tokenizer.encode(reply), EOS], params)
         self.generations.append(gen)
         return gen
+
+
+    # block pool support: a block's payload is its token ids
+
+    def split_kv(self, state, bounds):
+        _on_worker_thread()
+        return [tuple(state.payload[a:b]) for a, b in bounds]
+
+    def join_kv(self, pieces, tokens):
+        _on_worker_thread()
+        data = tuple(t for payload, n in pieces for t in payload[:n])
+        return KVState(tuple(tokens[: len(data)]), data, len(data) * self.info.kv_bytes_per_token, exclusive=True)
+
+    def kv_to_arrays(self, payload):
+        import numpy as np
+
+        _on_worker_thread()
+        return {"tokens": np.array(payload, dtype=np.int64)}
+
+    def kv_from_arrays(self, arrays):
+        _on_worker_thread()
+        return tuple(int(t) for t in arrays["tokens"])
+
+    def block_shapes(self, block_tokens):
+        return {"tokens": ((block_tokens,), "int64")}
 
 
 def load_scripted(source: str, options: ScriptedOptions, context) -> ScriptedModel:

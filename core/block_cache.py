@@ -1,0 +1,229 @@
+"""The KV cache the stages use: block pool in memory, block files on disk, per-agent tails.
+
+``prepare`` (cache-lookup) finds the longest cached prefix of a prompt — memory blocks, then the
+chain continuing on disk, then the agent's own partial tail block — joins it into one KV state on
+the MLX worker (one concatenation per layer), and reserves pool blocks for the request's new
+tokens. ``store`` (persist) splits the finished request's new full blocks out of its KV state into
+the reserved blocks, keeps its partial tail for the agent's next turn, and returns the new blocks
+for the background disk writer. Models whose cache cannot be cut into blocks (sliding-window
+layers) get exact-match reuse of each agent's last state instead (:class:`~semantic.kv_store.KVStore`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .block_pool import BlockHash, BlockPool, KVBlock, PoolExhausted, hash_blocks, root_hash
+from .disk_store import DiskStore
+from .errors import ErrorKind, RequestError
+from .eviction import EvictionPolicy
+from .items import Generated, Tokenized
+from .kv_store import KVStore, common_prefix_len
+from .model import Model
+from .stage import Metrics
+from .worker import MLXWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Tail:
+    """An agent's last partial block: the tokens after its last full block, and their KV."""
+
+    parent: BlockHash
+    depth: int
+    tokens: tuple[int, ...]
+    payload: Any
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Pool blocks held for one request's new tokens; shared by every item copy of the request."""
+
+    blocks: list[KVBlock]
+
+    def take(self) -> list[KVBlock]:
+        blocks, self.blocks = self.blocks, []
+        return blocks
+
+
+@dataclass(slots=True)
+class NewBlock:
+    """A block persist just filled, for the disk writer."""
+
+    block_hash: BlockHash
+    parent: BlockHash
+    depth: int
+    tokens: tuple[int, ...]
+    payload: Any
+
+
+class BlockCache:
+    def __init__(
+        self,
+        model: Model,
+        *,
+        block_tokens: int,
+        memory_bytes: int,
+        policy: EvictionPolicy,
+        metrics: Metrics,
+        disk: DiskStore | None = None,
+    ) -> None:
+        info = model.info
+        self.model = model
+        self.metrics = metrics
+        self.block_tokens = block_tokens
+        self.paged = info.pageable
+        self.root = root_hash(info.fingerprint, str(block_tokens), info.cache_layout)
+        block_bytes = max(1, info.kv_bytes_per_token * block_tokens)
+        self.pool = BlockPool(memory_bytes // block_bytes, block_tokens, block_bytes, policy)
+        self.disk = disk if self.paged else None
+        self.tails: dict[str, Tail] = {}
+        self.exact = None if self.paged else KVStore(memory_bytes, policy)
+
+    # --- lookup -------------------------------------------------------------------------------
+
+    async def prepare(self, item: Tokenized, worker: MLXWorker) -> None:
+        """Attach the longest cached prefix to ``item`` and reserve blocks for what it adds."""
+        if not self.paged:
+            self._prepare_exact(item)
+            return
+        bt, prompt = self.block_tokens, item.prompt_tokens
+        usable = len(prompt) - 1  # at least one prompt token is always prefilled
+        hashes = hash_blocks(self.root, prompt[:usable], bt)
+        pinned = self.pool.longest_prefix(hashes)
+        self.pool.touch(pinned, item.agent_id)
+        try:
+            pieces: list[tuple[Any, int]] = [(b.payload, bt) for b in pinned]
+            from_disk = await self._load_from_disk(hashes[len(pinned) :], item.agent_id, worker, pinned)
+            pieces += [(payload, bt) for payload in from_disk]
+            full = len(pieces)
+            tail = self.tails.get(item.agent_id)
+            parent = hashes[full - 1] if full else self.root
+            if tail is not None and tail.depth == full and tail.parent == parent:
+                n = common_prefix_len(tail.tokens, prompt[full * bt : usable])
+                if n:
+                    pieces.append((tail.payload, n))
+            length = sum(n for _, n in pieces)
+            if length:
+                item.prefix = await worker.call(self.model.join_kv, pieces, prompt)
+                item.prefix_len = length
+                self.metrics.inc("cache_hits")
+                self.metrics.inc("cache_hit_tokens", length)
+                self.metrics.inc("cache_disk_hit_blocks", len(from_disk))
+            else:
+                self.metrics.inc("cache_misses")
+        finally:
+            self.pool.release(pinned)
+        self._reserve(item)
+
+    def _reserve(self, item: Tokenized) -> None:
+        need = math.ceil((len(item.prompt_tokens) + item.params.max_tokens) / self.block_tokens)
+        try:
+            blocks = self.pool.allocate(need)
+        except PoolExhausted:
+            self.metrics.inc("rejected_pool_full")
+            raise RequestError(
+                ErrorKind.OVERLOADED,
+                f"the KV cache pool is full ({self.pool.num_used} of {self.pool.num_blocks} blocks in use); retry shortly",
+                retry_after=2.0,
+            ) from None
+        reservation = item.cache_blocks = Reservation(blocks)
+        item.request.on_done(lambda _r: self.pool.release(reservation.take()))
+
+    async def _load_from_disk(self, hashes: list[BlockHash], agent: str, worker: MLXWorker, pinned: list[KVBlock]) -> list[Any]:
+        """Continue the chain from disk: read, check, convert, and keep the blocks in the pool."""
+        if self.disk is None:
+            return []
+        chain = []
+        for h in hashes:
+            if not self.disk.has(h):
+                break
+            chain.append(h)
+        payloads = []
+        for depth_offset, h in enumerate(chain):
+            got = await trio.to_thread.run_sync(self.disk.read, h)
+            if got is None:  # corrupt: quarantined by the store; the rest is prefilled
+                self.metrics.inc("cache_disk_corrupt")
+                break
+            _tokens, arrays = got
+            payload = await worker.call(self.model.kv_from_arrays, arrays)
+            payloads.append(payload)
+            try:
+                (block,) = self.pool.allocate(1)
+            except PoolExhausted:
+                continue  # used for this request only
+            block = self.pool.fill(block, h, payload, len(pinned) + depth_offset, agent)
+            pinned.append(block)  # released with the others after the join
+        return payloads
+
+    def _prepare_exact(self, item: Tokenized) -> None:
+        assert self.exact is not None
+        match = self.exact.lookup(item.agent_id, item.prompt_tokens)
+        # Sliding-window caches cannot be cut: reuse a kept state only when all of it matches.
+        if match is not None and match.length == len(match.state.tokens) < len(item.prompt_tokens):
+            item.prefix, item.prefix_len = match.state, match.length
+            self.metrics.inc("cache_hits")
+            self.metrics.inc("cache_hit_tokens", match.length)
+        else:
+            self.metrics.inc("cache_misses")
+
+    # --- store --------------------------------------------------------------------------------
+
+    async def store(self, item: Generated, worker: MLXWorker) -> list[NewBlock]:
+        """Keep the finished request's KV: new full blocks into the pool, the tail per agent."""
+        state = item.kv_state
+        if state is None or not state.tokens:
+            return []
+        if not self.paged:
+            assert self.exact is not None
+            reused = item.prefix_len if item.prefix is not None else 0
+            if item.agent_id not in self.exact.put(item.agent_id, state):
+                item.cache_created_tokens = max(0, min(len(state.tokens), len(item.prompt_tokens)) - reused)
+            self.metrics.counters["cache_bytes"] = self.exact.nbytes
+            return []
+        bt, tokens = self.block_tokens, state.tokens
+        hashes = hash_blocks(self.root, tokens, bt)
+        fresh = [i for i, h in enumerate(hashes) if self.pool.get(h) is None]
+        tail_start = len(hashes) * bt
+        bounds = [(i * bt, (i + 1) * bt) for i in fresh]
+        if tail_start < len(tokens):
+            bounds.append((tail_start, len(tokens)))
+        payloads = await worker.call(self.model.split_kv, state, bounds) if bounds else []
+        reserved = item.cache_blocks.take() if item.cache_blocks is not None else []
+        filled: list[KVBlock] = []
+        new: list[NewBlock] = []
+        for i, payload in zip(fresh, payloads):
+            if not reserved:
+                try:
+                    reserved = self.pool.allocate(1)
+                except PoolExhausted:
+                    break
+            parent = hashes[i - 1] if i else self.root
+            block = self.pool.fill(reserved.pop(0), hashes[i], payload, i, item.agent_id)
+            filled.append(block)
+            new.append(NewBlock(hashes[i], parent, i, tuple(tokens[i * bt : (i + 1) * bt]), payload))
+        self.tails.pop(item.agent_id, None)
+        if tail_start < len(tokens):
+            parent = hashes[-1] if hashes else self.root
+            self.tails[item.agent_id] = Tail(parent, len(hashes), tuple(tokens[tail_start:]), payloads[-1])
+            while len(self.tails) > max(1, self.pool.num_blocks):  # tails are < 1 block each
+                del self.tails[next(iter(self.tails))]
+        self.pool.release(filled + reserved)
+        item.cache_created_tokens = self._created(item, [b.depth for b in new], tail_start < len(tokens), tail_start)
+        self.metrics.inc("cache_new_blocks", len(new))
+        self.metrics.counters["cache_bytes"] = self.pool.cached_bytes
+        self.metrics.counters["cache_blocks_used"] = self.pool.num_used
+        self.metrics.counters["cache_evictions"] = self.pool.evictions
+        return new
+
+    def _created(self, item: Generated, depths: list[int], has_tail: bool, tail_start: int) -> int:
+        """Prompt tokens that are in the cache now and were not read from it."""
+        lo, hi, bt = item.prefix_len if item.prefix is not None else 0, len(item.prompt_tokens), self.block_tokens
+        ranges = [(d * bt, (d + 1) * bt) for d in depths] + ([(tail_start, hi)] if has_tail else [])
+        return sum(max(0, min(b, hi) - max(a, lo)) for a, b in ranges)
