@@ -95,7 +95,7 @@ class BlockCache:
             return
         bt, prompt = self.block_tokens, item.prompt_tokens
         usable = len(prompt) - 1  # at least one prompt token is always prefilled
-        hashes = hash_blocks(self.root, prompt[:usable], bt)
+        hashes = hash_blocks(self.root, prompt, bt)
         pinned = self.pool.longest_prefix(hashes)
         self.pool.touch(pinned, item.agent_id)
         try:
@@ -109,6 +109,11 @@ class BlockCache:
                 n = common_prefix_len(tail.tokens, prompt[full * bt : usable])
                 if n:
                     pieces.append((tail.payload, n))
+            while pieces and sum(n for _, n in pieces) > usable:  # a prompt that ends on a block edge
+                payload, n = pieces.pop()
+                over = sum(k for _, k in pieces) + n - usable
+                if n > over:
+                    pieces.append((payload, n - over))
             length = sum(n for _, n in pieces)
             if length:
                 item.prefix = await worker.call(self.model.join_kv, pieces, prompt)

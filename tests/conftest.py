@@ -133,7 +133,7 @@ def start_server():
         assert server.stop() == 0, "".join(server.output)
 
 
-def pipeline_copy(folder: Path, name: str = "default", **cache: object) -> Path:
+def _pipeline_copy(folder: Path, name: str = "default", **cache: object) -> Path:
     """A shipped pipeline with its ``cache:`` settings changed (e.g. a private ``disk_dir``)."""
     import yaml
 
@@ -150,6 +150,12 @@ def pipeline_copy(folder: Path, name: str = "default", **cache: object) -> Path:
 def real_server(tmp_path_factory):
     """``semantic serve`` on the shipped default pipeline (the embedded model), private KV disk."""
     folder = tmp_path_factory.mktemp("real-server")
-    server = ServerProcess(str(pipeline_copy(folder, disk_dir=str(folder / "kv"))))
+    server = ServerProcess(str(_pipeline_copy(folder, disk_dir=str(folder / "kv"))))
     yield server
     assert server.stop() == 0, "".join(server.output)
+
+
+@pytest.fixture
+def pipeline_copy():
+    """``pipeline_copy(folder, name="default", **cache)``: a shipped pipeline with other cache settings."""
+    return _pipeline_copy
