@@ -134,7 +134,7 @@ class BlockCache:
         except PoolExhausted:
             self.metrics.inc("rejected_pool_full")
             raise RequestError(
-                ErrorKind.OVERLOADED,
+                ErrorKind.RATE_LIMITED,
                 f"the KV cache pool is full ({self.pool.num_used} of {self.pool.num_blocks} blocks in use); retry shortly",
                 retry_after=2.0,
             ) from None

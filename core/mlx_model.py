@@ -74,14 +74,16 @@ class _MLXGeneration(Generation):
 
     def kv_state(self) -> KVState | None:
         import mlx.core as mx
+        from mlx_lm.models.cache import KVCache
 
         offset = self._caches[0].offset
         if offset == 0:
             return None
         for c in self._caches:
-            c.keys = c.keys[..., :offset, :]
-            c.values = c.values[..., :offset, :]
-        mx.eval([x for c in self._caches for x in (c.keys, c.values)])
+            if type(c) is KVCache:  # drop the unused buffer slots (window caches keep theirs)
+                c.keys = c.keys[..., :offset, :]
+                c.values = c.values[..., :offset, :]
+        mx.eval([x for c in self._caches for x in (c.keys, c.values) if x is not None])
         tokens = (self._prompt + self._generated)[:offset]
         return KVState(tuple(tokens), self._caches, offset * self._model.info.kv_bytes_per_token)
 

@@ -45,7 +45,7 @@ def create_app(pipeline: Pipeline) -> QuartTrio:
 
     @app.get("/health")
     async def health() -> Response:
-        body = {"status": pipeline.state.value, "pipeline": pipeline.config.name}
+        body = {"status": pipeline.state.value, "pipeline": pipeline.config.name, "counters": pipeline.context.metrics.counters}
         if pipeline.failure:
             body["error"] = pipeline.failure
         return _json(body, 200 if pipeline.ready else 503)

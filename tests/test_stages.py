@@ -197,7 +197,7 @@ def test_cache_lookup_refuses_when_the_pool_cannot_hold_the_request(scripted):
 
     big, out, ctx = run(main)
     err = failure(big).error
-    assert err.kind is ErrorKind.OVERLOADED and err.retry_after and "pool is full" in err.message
+    assert err.kind is ErrorKind.RATE_LIMITED and err.retry_after and "pool is full" in err.message  # 429
     assert len(out) == 1 and len(out[0].cache_blocks.blocks) == 3 and ctx.cache.pool.num_used == 3
 
 

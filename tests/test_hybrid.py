@@ -1,0 +1,120 @@
+"""A Gemma-3-shaped model with sliding-window layers (tiny, random weights, built here) never gets
+a wrong cache: it is not paged into blocks, and a kept state is reused only when all of it matches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import trio
+
+from semantic.harness import incoming, run_stage, stage_context
+from semantic.items import Tokenized
+from semantic.model import LoadContext, SamplingParams
+from semantic.paths import cache_dir
+from semantic.plugins.mlx_dir import MLXDirOptions, load_mlx_dir
+from semantic.stages.cache_lookup import CacheLookup
+from semantic.stages.decode import Decode
+from semantic.stages.persist import Persist
+
+pytestmark = pytest.mark.integration
+
+WINDOW = 8
+
+
+def _build(folder):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import gemma3_text
+
+    config = {
+        "model_type": "gemma3_text",
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "intermediate_size": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
+        "vocab_size": 49152,
+        "sliding_window": WINDOW,
+        "sliding_window_pattern": 2,  # layers 0 and 2 slide, 1 and 3 attend to everything
+        "max_position_embeddings": 1024,
+        "eos_token_id": 2,
+    }
+    mx.random.seed(3)
+    model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (folder / "config.json").write_text(json.dumps(config))
+    converted = next((cache_dir() / "models").glob("SmolLM2-135M-Instruct*-float32-v*"))
+    for f in converted.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            shutil.copy(f, folder / f.name)
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory, mlx, smollm):
+    folder = tmp_path_factory.mktemp("tiny-gemma3")
+    mlx.run_sync(_build, folder)
+    return mlx.run_sync(load_mlx_dir, str(folder), MLXDirOptions(), LoadContext("tiny-gemma3", None, None))
+
+
+def cold(mlx, model, prompt, n=6):
+    def job():
+        return list(model.generate(prompt, None, 0, SamplingParams(max_tokens=n, temperature=0)))
+
+    return mlx.run_sync(job)
+
+
+def test_window_layers_make_the_model_unpageable(gemma):
+    assert not gemma.info.pageable
+    assert "RotatingKVCache" in gemma.info.cache_layout and "full" in gemma.info.cache_layout
+
+
+def test_exact_match_reuse_only(mlx, gemma):
+    first = list(range(100, 130))  # longer than the window: the window caches have wrapped
+
+    async def turn(ctx, tokens, agent="a"):
+        item = incoming("x", max_tokens=6, temperature=0).advance(Tokenized, agent_id=agent, prompt_tokens=tuple(tokens))
+        (looked,) = await run_stage(CacheLookup(None, ctx), [item])
+        reused = looked.prefix_len if looked.prefix is not None else 0
+        (done,) = await run_stage(Decode(None, ctx), [looked])
+        kept = done.kv_state.tokens
+        await run_stage(Persist(None, ctx), [done])
+        return reused, kept
+
+    async def main():
+        async with stage_context(model=gemma, worker=mlx) as ctx:
+            r1, kept = await turn(ctx, first)
+            extended = [*kept, 7, 8, 9]
+            r2, _ = await turn(ctx, extended)
+            diverged = [*first[:-3], 1, 2, 3, 4]
+            r3, _ = await turn(ctx, diverged, agent="b")
+            return (r1, r2, r3), extended, diverged, ctx
+
+    (r1, r2, r3), extended, diverged, ctx = trio.run(main)
+    assert r1 == 0
+    assert r2 == len(extended) - 3  # the whole kept state, exactly
+    assert r3 == 0  # a partial match is not reused for window layers
+    assert ctx.cache.paged is False and ctx.metrics.counters["cache_hits"] == 1
+
+
+def test_reused_window_state_gives_the_cold_output(mlx, gemma):
+    from semantic.model import KVState
+
+    prompt = list(range(200, 240))
+
+    def job():
+        gen = gemma.generate(prompt, None, 0, SamplingParams(max_tokens=5, temperature=0))
+        list(gen)
+        return gen.kv_state()
+
+    state: KVState = mlx.run_sync(job)
+    follow = [*state.tokens, 11, 12, 13]
+
+    def warm():
+        return list(gemma.generate(follow, state, len(state.tokens), SamplingParams(max_tokens=6, temperature=0)))
+
+    assert mlx.run_sync(warm) == cold(mlx, gemma, follow)
+    assert mlx.run_sync(warm) == cold(mlx, gemma, follow)  # the kept state was not written through
