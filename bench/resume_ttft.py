@@ -106,7 +106,7 @@ def mlx_lm_server(model_dir: Path, port: int) -> Proc:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 7168])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1024, 4096, 7168])
     parser.add_argument("--share-tokens", type=int, default=4096, help="shared system prompt for the memory test (0: skip)")
     parser.add_argument("--tail-tokens", type=int, default=500, help="each agent's own tail in the memory test")
     parser.add_argument("--skip-mlx-lm", action="store_true")
@@ -147,15 +147,17 @@ def main() -> None:
             row["memory_speedup_vs_cold"] = row["cold_s"] / row["memory_hit_s"]
         if args.share_tokens:
             system = prompt_of(args.share_tokens, tokenizer)
+            before = httpx.get(f"{server.url}/health").json()["counters"]
             for i in range(8):
                 ttft_anthropic(server.url, system, f"Agent {i}. " + prompt_of(args.tail_tokens, tokenizer), f"share{i}")
             counters = httpx.get(f"{server.url}/health").json()["counters"]
             per_token = 2 * 30 * 3 * 64 * 4
             one_agent_and_tails = per_token * (args.share_tokens + 8 * args.tail_tokens)
+            used = counters.get("cache_bytes", 0) - before.get("cache_bytes", 0) + counters.get("cache_tail_bytes", 0) - before.get("cache_tail_bytes", 0)
             results["sharing"] = {
-                "pool_bytes": counters.get("cache_bytes"),
+                "pool_and_tail_bytes": used,
                 "one_agent_kv_plus_tails_bytes": one_agent_and_tails,
-                "ratio": counters.get("cache_bytes", 0) / one_agent_and_tails,
+                "ratio": used / one_agent_and_tails,
                 "no_sharing_ratio": per_token * 8 * (args.share_tokens + args.tail_tokens) / one_agent_and_tails,
                 "shared_tokens": args.share_tokens,
                 "tail_tokens": args.tail_tokens,

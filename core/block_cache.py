@@ -129,6 +129,9 @@ class BlockCache:
 
     def _reserve(self, item: Tokenized) -> None:
         need = math.ceil((len(item.prompt_tokens) + item.params.max_tokens) / self.block_tokens)
+        if need > self.pool.num_blocks:  # could never fit: run uncached rather than refuse for ever
+            self.metrics.inc("cache_unreservable")
+            return
         try:
             blocks = self.pool.allocate(need)
         except PoolExhausted:
@@ -223,6 +226,7 @@ class BlockCache:
         item.cache_created_tokens = self._created(item, [b.depth for b in new], tail_start < len(tokens), tail_start)
         self.metrics.inc("cache_new_blocks", len(new))
         self.metrics.counters["cache_bytes"] = self.pool.cached_bytes
+        self.metrics.counters["cache_tail_bytes"] = sum(len(t.tokens) for t in self.tails.values()) * self.model.info.kv_bytes_per_token
         self.metrics.counters["cache_blocks_used"] = self.pool.num_used
         self.metrics.counters["cache_evictions"] = self.pool.evictions
         return new

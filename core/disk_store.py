@@ -99,12 +99,13 @@ class DiskStore:
         self.policy = policy
         self.entries: dict[BlockHash, DiskEntry] = {}
         self.counters: dict[str, int] = {"disk_quarantined": 0, "disk_write_errors": 0, "disk_evictions": 0}
-        self._lock = threading.Lock()  # entries are read in the event loop, changed in threads
+        self._lock = threading.RLock()  # entries are read in the event loop, changed in threads
         self._write_failed_logged = False
 
     @property
     def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
+        with self._lock:
+            return sum(e.nbytes for e in self.entries.values())
 
     def has(self, block_hash: BlockHash) -> bool:
         return block_hash in self.entries

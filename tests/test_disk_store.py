@@ -42,6 +42,7 @@ def test_round_trip_and_index_rebuild(tmp_path):
     tokens, arrays = disk.read(hashes[1])
     assert tokens == (4, 5, 6, 7) and arrays["tokens"].tolist() == [4, 5, 6, 7]
     assert not list(tmp_path.glob(".writing-*"))  # no temporary file left behind
+    (tmp_path / ".writing-abc").write_bytes(b"half a file")  # a crash mid-write leaves one: never read
     again = store(tmp_path)
     report = again.scan()
     assert report["blocks"] == 3 and set(again.entries) == set(hashes) and report["seconds"] >= 0

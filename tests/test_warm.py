@@ -20,6 +20,7 @@ pytestmark = pytest.mark.integration
 BT = 16  # small blocks: short prompts still span several blocks and end mid-block
 PROMPTS = [
     [ChatMessage("user", "Name a fruit.")],
+    [ChatMessage("user", "Write one short sentence about the sea and the wind.")],
     [ChatMessage("system", "You are a careful geography teacher who answers in one sentence."), ChatMessage("user", "Which river flows through Paris?")],
 ]
 
@@ -61,7 +62,7 @@ def test_memory_and_disk_hits_match_cold_output(registry, mlx, smollm, tmp_path)
         assert mem_text == cold_text and mem_usage.cached_tokens == cold_usage.prompt_tokens - 1  # blocks + own tail
         full_blocks = min(cold_usage.prompt_tokens // BT * BT, cold_usage.prompt_tokens - 1)
         assert disk_text == cold_text and disk_usage.cached_tokens == full_blocks > 0  # full blocks from disk
-    assert {u.prompt_tokens % BT == 0 for _, u in cold} == {True, False}  # one ends on a block edge, one mid-block
+    assert {u.prompt_tokens % BT == 0 for _, u in cold} == {True, False}  # block edges and mid-block
 
 
 def test_restarted_server_serves_a_returning_prompt_from_disk(start_server, pipeline_copy, tmp_path):
