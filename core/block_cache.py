@@ -103,12 +103,15 @@ class BlockCache:
             from_disk = await self._load_from_disk(hashes[len(pinned) :], item.agent_id, worker, pinned)
             pieces += [(payload, bt) for payload in from_disk]
             full = len(pieces)
-            tail = self.tails.get(item.agent_id)
             parent = hashes[full - 1] if full else self.root
-            if tail is not None and tail.depth == full and tail.parent == parent:
-                n = common_prefix_len(tail.tokens, prompt[full * bt : usable])
-                if n:
-                    pieces.append((tail.payload, n))
+            rest = prompt[full * bt : usable]
+            partial = self._best_partial(item.agent_id, parent, full, rest)
+            if partial is not None:
+                payload, n, block = partial
+                pieces.append((payload, n))
+                if block is not None:
+                    self.pool.touch([block], item.agent_id)
+                    pinned.append(block)
             while pieces and sum(n for _, n in pieces) > usable:  # a prompt that ends on a block edge
                 payload, n = pieces.pop()
                 over = sum(k for _, k in pieces) + n - usable
@@ -126,6 +129,21 @@ class BlockCache:
         finally:
             self.pool.release(pinned)
         self._reserve(item)
+
+    def _best_partial(self, agent: str, parent: BlockHash, depth: int, rest: tuple[int, ...]) -> tuple[Any, int, KVBlock | None] | None:
+        """The longest partial match inside the next block: the agent's own tail, or a cached
+        block that follows the same parent (e.g. the same prompt asked again)."""
+        best: tuple[Any, int, KVBlock | None] | None = None
+        tail = self.tails.get(agent)
+        if tail is not None and tail.depth == depth and tail.parent == parent:
+            n = common_prefix_len(tail.tokens, rest)
+            if n:
+                best = (tail.payload, n, None)
+        for block in self.pool.children(parent):
+            n = common_prefix_len(block.tokens, rest)
+            if n > (best[1] if best else 0):
+                best = (block.payload, n, block)
+        return best
 
     def _reserve(self, item: Tokenized) -> None:
         need = math.ceil((len(item.prompt_tokens) + item.params.max_tokens) / self.block_tokens)
@@ -148,6 +166,8 @@ class BlockCache:
         """Continue the chain from disk: read, check, convert, and keep the blocks in the pool."""
         if self.disk is None:
             return []
+        start_depth = len(pinned)
+        start_parent = pinned[-1].block_hash if pinned else self.root
         chain = []
         for h in hashes:
             if not self.disk.has(h):
@@ -159,14 +179,15 @@ class BlockCache:
             if got is None:  # corrupt: quarantined by the store; the rest is prefilled
                 self.metrics.inc("cache_disk_corrupt")
                 break
-            _tokens, arrays = got
+            block_toks, arrays = got
             payload = await worker.call(self.model.kv_from_arrays, arrays)
             payloads.append(payload)
             try:
                 (block,) = self.pool.allocate(1)
             except PoolExhausted:
                 continue  # used for this request only
-            block = self.pool.fill(block, h, payload, len(pinned) + depth_offset, agent)
+            parent = chain[depth_offset - 1] if depth_offset else start_parent
+            block = self.pool.fill(block, h, payload, start_depth + depth_offset, agent, parent=parent, tokens=block_toks)
             pinned.append(block)  # released with the others after the join
         return payloads
 
@@ -213,9 +234,10 @@ class BlockCache:
                 except PoolExhausted:
                     break
             parent = hashes[i - 1] if i else self.root
-            block = self.pool.fill(reserved.pop(0), hashes[i], payload, i, item.agent_id)
+            block_tokens = tuple(tokens[i * bt : (i + 1) * bt])
+            block = self.pool.fill(reserved.pop(0), hashes[i], payload, i, item.agent_id, parent=parent, tokens=block_tokens)
             filled.append(block)
-            new.append(NewBlock(hashes[i], parent, i, tuple(tokens[i * bt : (i + 1) * bt]), payload))
+            new.append(NewBlock(hashes[i], parent, i, block_tokens, payload))
         self.tails.pop(item.agent_id, None)
         if tail_start < len(tokens):
             parent = hashes[-1] if hashes else self.root

@@ -53,7 +53,9 @@ class KVBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: BlockHash | None = None
+    parent: BlockHash | None = None
     depth: int = 0  # position in its chain (0 = the first block of a prompt)
+    tokens: tuple[int, ...] = ()
     payload: Any = None
     created: float = 0.0
     last_used: float = 0.0
@@ -130,6 +132,7 @@ class BlockPool:
         self._blank = FreeBlockQueue(self.blocks)  # free, holding nothing worth keeping
         self._evictable = FreeBlockQueue()  # free, cached: found again by hash until evicted
         self._index: dict[BlockHash, KVBlock] = {}
+        self._children: dict[BlockHash, set[BlockHash]] = {}  # parent → cached blocks that follow it
         self.evictions = 0
 
     # --- accounting ---------------------------------------------------------------------------
@@ -173,6 +176,10 @@ class BlockPool:
                 break
             out.append(block)
         return out
+
+    def children(self, parent: BlockHash) -> list[KVBlock]:
+        """Cached blocks whose chain continues ``parent`` (for partial matches inside a block)."""
+        return [self._index[h] for h in self._children.get(parent, ())]
 
     # --- references ---------------------------------------------------------------------------
 
@@ -218,7 +225,17 @@ class BlockPool:
 
     # --- content ------------------------------------------------------------------------------
 
-    def fill(self, block: KVBlock, block_hash: BlockHash, payload: Any, depth: int, agent: str | None = None) -> KVBlock:
+    def fill(
+        self,
+        block: KVBlock,
+        block_hash: BlockHash,
+        payload: Any,
+        depth: int,
+        agent: str | None = None,
+        *,
+        parent: BlockHash | None = None,
+        tokens: tuple[int, ...] = (),
+    ) -> KVBlock:
         """Make a referenced block hold the KV data of the chain position ``block_hash``.
 
         If another block already holds that hash (two requests computed the same block), the
@@ -231,16 +248,26 @@ class BlockPool:
             self.release([block])
             return existing
         block.block_hash, block.payload, block.depth = block_hash, payload, depth
+        block.parent, block.tokens = parent, tokens
         if agent is not None:
             block.agents.add(agent)
         self._index[block_hash] = block
+        if parent is not None:
+            self._children.setdefault(parent, set()).add(block_hash)
         return block
 
     def _evict_one(self) -> KVBlock:
         victim = min(self._evictable, key=lambda b: self.policy.priority(b.stats()))
         self._evictable.remove(victim)
         del self._index[victim.block_hash]  # type: ignore[arg-type]
+        if victim.parent is not None:
+            siblings = self._children.get(victim.parent)
+            if siblings is not None:
+                siblings.discard(victim.block_hash)  # type: ignore[arg-type]
+                if not siblings:
+                    del self._children[victim.parent]
         victim.block_hash, victim.payload, victim.uses, victim.depth = None, None, 0, 0
+        victim.parent, victim.tokens = None, ()
         victim.agents.clear()
         self.evictions += 1
         return victim
@@ -255,4 +282,6 @@ class BlockPool:
             if block.block_hash is not None:
                 assert self._index[block.block_hash] is block
         assert all(b.block_hash is not None for b in self._evictable)
+        for parent, kids in self._children.items():
+            assert kids and all(self._index[h].parent == parent for h in kids)
         assert all(b.block_hash is None for b in self._blank)

@@ -47,7 +47,8 @@ class PoolMachine(RuleBasedStateMachine):
         hashes = hash_blocks(ROOT, prompt, 4)
         kept = []
         for depth, (block, h) in enumerate(zip(live, hashes)):
-            got = self.pool.fill(block, h, ("kv", h), depth)
+            parent = hashes[depth - 1] if depth else ROOT
+            got = self.pool.fill(block, h, ("kv", h), depth, parent=parent, tokens=tuple(prompt[4 * depth : 4 * depth + 4]))
             if got is not block:
                 self._ref([block], -1)
                 self._ref([got], +1)
@@ -68,6 +69,9 @@ class PoolMachine(RuleBasedStateMachine):
             assert self.pool.get(hashes[len(hits)]) is None
         self.pool.touch(hits, agent="x")
         self.pool.release(hits)
+        parent = hashes[len(hits) - 1] if hits else ROOT
+        for child in self.pool.children(parent):  # partial matches continue the matched chain
+            assert child.parent == parent and self.filled[child.block_hash][: 4 * len(hits)] == tuple(prompt[: 4 * len(hits)])
 
     @invariant()
     def accounting(self):

@@ -169,10 +169,10 @@ def test_cache_lookup_finds_blocks_tails_and_shared_prefixes(scripted):
             (looked,) = await run_stage(CacheLookup(None, ctx), [first])
             await run_stage(Persist(None, ctx), [_finished(looked, output=(50, 51))])  # tail 8 9 50 51 → full block
             probes = [
-                _tokenized([*range(12), 7, 7]),  # own agent: 3 full blocks (incl. 8 9 50 51? no: differs)
+                _tokenized([*range(12), 7, 7]),  # 2 full blocks, then 8 9 of the cached [8 9 50 51]
                 _tokenized([*range(10), 50, 51, 1, 2], agent="a"),  # all 12 cached tokens
-                _tokenized([*range(10), 50, 51, 1, 2], agent="b"),  # another agent: full blocks only
-                _tokenized([*range(9), 99, 1], agent="a"),  # diverges inside block 3
+                _tokenized([*range(10), 50, 51, 1, 2], agent="b"),  # another agent: the same blocks
+                _tokenized([*range(9), 99, 1], agent="a"),  # diverges inside block 3: 8 + 1
                 _tokenized([7, 7, 7, 7, 7], agent="c"),
             ]
             out = await run_stage(CacheLookup(None, ctx), probes)
@@ -181,7 +181,7 @@ def test_cache_lookup_finds_blocks_tails_and_shared_prefixes(scripted):
             return out, ctx
 
     out, ctx = run(main)
-    assert [o.prefix_len for o in out] == [8, 12, 12, 8, 0]
+    assert [o.prefix_len for o in out] == [10, 12, 12, 9, 0]
     for o in out[:4]:
         assert o.prefix.tokens == o.prompt_tokens[: o.prefix_len]  # the scripted model checks the KV data too
     assert ctx.cache.pool.num_used == 0  # pins and reservations all released
@@ -191,14 +191,18 @@ def test_cache_lookup_finds_blocks_tails_and_shared_prefixes(scripted):
 def test_cache_lookup_refuses_when_the_pool_cannot_hold_the_request(scripted):
     async def main():
         async with stage_context(model=scripted(), block_tokens=4, cache_bytes=100 * 4 * 5) as ctx:  # 5 blocks
-            big, small = _tokenized(range(10), max_tokens=40), _tokenized(range(6), max_tokens=4)
-            out = await run_stage(CacheLookup(None, ctx), [big, small])
+            small = _tokenized(range(6), max_tokens=4)  # needs 3 blocks, holds them while it runs
+            big = _tokenized(range(10), max_tokens=6)  # needs 4: only 2 are free
+            huge = _tokenized(range(10), max_tokens=40)  # needs 13 > 5: could never fit, runs uncached
+            out = await run_stage(CacheLookup(None, ctx), [small, big, huge])
             return big, out, ctx
 
     big, out, ctx = run(main)
     err = failure(big).error
     assert err.kind is ErrorKind.RATE_LIMITED and err.retry_after and "pool is full" in err.message  # 429
-    assert len(out) == 1 and len(out[0].cache_blocks.blocks) == 3 and ctx.cache.pool.num_used == 3
+    small, huge = out
+    assert len(small.cache_blocks.blocks) == 3 and huge.cache_blocks is None
+    assert ctx.cache.pool.num_used == 3 and ctx.metrics.counters["cache_unreservable"] == 1
 
 
 # --- schedule ---------------------------------------------------------------------------------
