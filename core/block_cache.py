@@ -159,6 +159,7 @@ class BlockCache:
                 f"the KV cache pool is full ({self.pool.num_used} of {self.pool.num_blocks} blocks in use); retry shortly",
                 retry_after=2.0,
             ) from None
+        self.metrics.counters["cache_pool_pressure"] = round(self.pool.pressure, 4)
         reservation = item.cache_blocks = Reservation(blocks)
         item.request.on_done(lambda _r: self.pool.release(reservation.take()))
 
@@ -250,6 +251,7 @@ class BlockCache:
         self.metrics.counters["cache_bytes"] = self.pool.cached_bytes
         self.metrics.counters["cache_tail_bytes"] = sum(len(t.tokens) for t in self.tails.values()) * self.model.info.kv_bytes_per_token
         self.metrics.counters["cache_blocks_used"] = self.pool.num_used
+        self.metrics.counters["cache_pool_pressure"] = round(self.pool.pressure, 4)
         self.metrics.counters["cache_evictions"] = self.pool.evictions
         return new
 

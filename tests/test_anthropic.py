@@ -66,7 +66,7 @@ def test_stop_sequences(client):
     assert msg.content[0].text == "You sa" and msg.stop_reason == "stop_sequence" and msg.stop_sequence == "id: "
 
 
-def test_second_turn_reads_the_cache(client):
+def test_second_turn_reads_the_cache(client, scripted_server):
     first = [{"role": "user", "content": "remember the number 12345"}]
     a = client.messages.create(model=MODEL, max_tokens=100, messages=first)
     turn = [*first, {"role": "assistant", "content": a.content[0].text}, {"role": "user", "content": "and now?"}]
@@ -74,6 +74,9 @@ def test_second_turn_reads_the_cache(client):
     assert a.usage.cache_read_input_tokens == 0 or a.usage.cache_read_input_tokens < b.usage.cache_read_input_tokens
     assert b.usage.cache_read_input_tokens > a.usage.input_tokens  # the whole first turn came from cache
     assert b.content[0].text == "You said: and now?"
+    counters = httpx.get(scripted_server.url + "/health").json()["counters"]
+    assert counters["cache_hits"] >= 1 and counters["cache_hit_tokens"] >= b.usage.cache_read_input_tokens
+    assert counters["cache_bytes"] > 0 and 0 <= counters["cache_pool_pressure"] < 1
 
 
 def test_system_prompt_as_string_and_blocks(client):
