@@ -54,13 +54,12 @@ class Reservation:
 
 @dataclass(slots=True)
 class NewBlock:
-    """A block persist just filled, for the disk writer."""
+    """A block persist just filled, for the disk writer (which finds its data in the pool)."""
 
     block_hash: BlockHash
     parent: BlockHash
     depth: int
     tokens: tuple[int, ...]
-    payload: Any
 
 
 class BlockCache:
@@ -81,7 +80,9 @@ class BlockCache:
         self.paged = info.pageable
         self.root = root_hash(info.fingerprint, str(block_tokens), info.cache_layout)
         block_bytes = max(1, info.kv_bytes_per_token * block_tokens)
-        self.pool = BlockPool(memory_bytes // block_bytes, block_tokens, block_bytes, policy)
+        # An eighth of the budget holds agents' partial tail blocks; the rest is the pool.
+        self.tail_budget = memory_bytes // 8
+        self.pool = BlockPool((memory_bytes - self.tail_budget) // block_bytes, block_tokens, block_bytes, policy)
         self.disk = disk if self.paged else None
         self.tails: dict[str, Tail] = {}
         self.exact = None if self.paged else KVStore(memory_bytes, policy)
@@ -99,6 +100,7 @@ class BlockCache:
         pinned = self.pool.longest_prefix(hashes)
         self.pool.touch(pinned, item.agent_id)
         try:
+            self._reserve(item)  # before any work: a full pool refuses at once
             pieces: list[tuple[Any, int]] = [(b.payload, bt) for b in pinned]
             from_disk = await self._load_from_disk(hashes[len(pinned) :], item.agent_id, worker, pinned)
             pieces += [(payload, bt) for payload in from_disk]
@@ -128,7 +130,6 @@ class BlockCache:
                 self.metrics.inc("cache_misses")
         finally:
             self.pool.release(pinned)
-        self._reserve(item)
 
     def _best_partial(self, agent: str, parent: BlockHash, depth: int, rest: tuple[int, ...]) -> tuple[Any, int, KVBlock | None] | None:
         """The longest partial match inside the next block: the agent's own tail, or a cached
@@ -176,12 +177,17 @@ class BlockCache:
             chain.append(h)
         payloads = []
         for depth_offset, h in enumerate(chain):
-            got = await trio.to_thread.run_sync(self.disk.read, h)
-            if got is None:  # corrupt: quarantined by the store; the rest is prefilled
+            try:
+                got = await trio.to_thread.run_sync(self.disk.read, h)
+                if got is not None:
+                    block_toks, arrays = got
+                    payload = await worker.call(self.model.kv_from_arrays, arrays)
+            except Exception:  # a disk or conversion failure is a miss, never a failed request
+                log.exception("reading KV block %s failed", h.hex())
+                got = None
+            if got is None:  # damaged (quarantined by the store) or gone: the rest is prefilled
                 self.metrics.inc("cache_disk_corrupt")
                 break
-            block_toks, arrays = got
-            payload = await worker.call(self.model.kv_from_arrays, arrays)
             payloads.append(payload)
             try:
                 (block,) = self.pool.allocate(1)
@@ -238,13 +244,14 @@ class BlockCache:
             block_tokens = tuple(tokens[i * bt : (i + 1) * bt])
             block = self.pool.fill(reserved.pop(0), hashes[i], payload, i, item.agent_id, parent=parent, tokens=block_tokens)
             filled.append(block)
-            new.append(NewBlock(hashes[i], parent, i, block_tokens, payload))
+            new.append(NewBlock(hashes[i], parent, i, block_tokens))
         self.tails.pop(item.agent_id, None)
         if tail_start < len(tokens):
             parent = hashes[-1] if hashes else self.root
             self.tails[item.agent_id] = Tail(parent, len(hashes), tuple(tokens[tail_start:]), payloads[-1])
-            while len(self.tails) > max(1, self.pool.num_blocks):  # tails are < 1 block each
-                del self.tails[next(iter(self.tails))]
+            per_token = self.model.info.kv_bytes_per_token
+            while len(self.tails) > 1 and sum(len(t.tokens) for t in self.tails.values()) * per_token > self.tail_budget:
+                del self.tails[next(iter(self.tails))]  # the agent that finished longest ago
         self.pool.release(filled + reserved)
         item.cache_created_tokens = self._created(item, [b.depth for b in new], tail_start < len(tokens), tail_start)
         self.metrics.inc("cache_new_blocks", len(new))

@@ -248,7 +248,7 @@ class BlockPool:
             self.release([block])
             return existing
         block.block_hash, block.payload, block.depth = block_hash, payload, depth
-        block.parent, block.tokens = parent, tokens
+        block.parent, block.tokens, block.uses = parent, tokens, 1
         if agent is not None:
             block.agents.add(agent)
         self._index[block_hash] = block

@@ -61,19 +61,32 @@ def _checksum(arrays: dict[str, Any]) -> str:
 def read_header(path: Path) -> dict[str, Any]:
     """The safetensors header (tensor table and ``__metadata__``) without reading the tensors."""
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise CorruptBlock("truncated header")
-        (size,) = struct.unpack("<Q", raw)
-        if not 0 < size <= MAX_HEADER:
-            raise CorruptBlock(f"implausible header size {size}")
-        data = f.read(size)
+        head = f.read(8)
+        size = _header_size(head)
+        return _header_of(head + f.read(size))
+
+
+def _header_size(head: bytes) -> int:
+    if len(head) < 8:
+        raise CorruptBlock("truncated header")
+    (size,) = struct.unpack("<Q", head[:8])
+    if not 0 < size <= MAX_HEADER:
+        raise CorruptBlock(f"implausible header size {size}")
+    return size
+
+
+def _header_of(raw: bytes) -> dict[str, Any]:
+    size = _header_size(raw)
+    data = raw[8 : 8 + size]
     if len(data) != size:
         raise CorruptBlock("truncated header")
     try:
-        return json.loads(data)
+        header = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptBlock(f"unreadable header: {e}") from None
+    if not isinstance(header, dict):
+        raise CorruptBlock("header is not a JSON object")
+    return header
 
 
 class DiskStore:
@@ -120,17 +133,20 @@ class DiskStore:
         start = time.monotonic()
         found = skipped = 0
         if self.root.is_dir():
+            for leftover in self.root.glob(".writing-*"):  # a write cut short by a crash
+                leftover.unlink(missing_ok=True)
             for path in self.root.glob("*.safetensors"):
                 if time.monotonic() - start > time_budget_s:
                     skipped += 1
                     continue
                 try:
                     meta = self._check_header(read_header(path), path)
-                except (CorruptBlock, OSError) as e:
-                    self._quarantine(path, str(e))
+                    stat = path.stat()
+                    block_hash, parent = bytes.fromhex(meta["block_hash"]), bytes.fromhex(meta["parent_hash"])
+                    entry = DiskEntry(path, block_hash, parent, int(meta["depth"]), stat.st_size, stat.st_mtime)
+                except Exception as e:  # anything wrong with a file only costs that file
+                    self._quarantine(path, f"{type(e).__name__}: {e}")
                     continue
-                stat = path.stat()
-                entry = DiskEntry(path, bytes.fromhex(meta["block_hash"]), bytes.fromhex(meta["parent_hash"]), int(meta["depth"]), stat.st_size, stat.st_mtime)
                 with self._lock:
                     self.entries[entry.block_hash] = entry
                 found += 1
@@ -194,7 +210,10 @@ class DiskStore:
                 victims.append(entry)
                 del self.entries[entry.block_hash]
         for entry in victims:
-            entry.path.unlink(missing_ok=True)
+            try:
+                entry.path.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("cannot delete KV block file %s: %s", entry.path.name, e.strerror or e)
             removed += 1
         self.counters["disk_evictions"] += removed
         return removed
@@ -211,24 +230,32 @@ class DiskStore:
             return None
         try:
             raw = entry.path.read_bytes()
-            meta = self._check_header(read_header(entry.path), entry.path)
+        except OSError:  # gone (evicted meanwhile): a miss, not a corrupt file
+            with self._lock:
+                self.entries.pop(block_hash, None)
+            return None
+        try:
+            meta = self._check_header(_header_of(raw), entry.path)
             if bytes.fromhex(meta["block_hash"]) != block_hash:
                 raise CorruptBlock("file holds another block")
             arrays = load(raw)
             self._check_arrays(arrays)
             if _checksum(arrays) != meta["checksum"]:
                 raise CorruptBlock("checksum mismatch")
-            tokens = tuple(json.loads(meta["tokens"]))
+            tokens = tuple(int(t) for t in json.loads(meta["tokens"]))
             if len(tokens) != self.block_tokens or hash_block(bytes.fromhex(meta["parent_hash"]), tokens) != block_hash:
                 raise CorruptBlock("tokens do not match the block hash")
-        except (CorruptBlock, OSError, SafetensorError, ValueError, KeyError) as e:
-            self._quarantine(entry.path, str(e))
+        except Exception as e:  # whatever is wrong with the file, it is never used
+            self._quarantine(entry.path, f"{type(e).__name__}: {e}")
             with self._lock:
                 self.entries.pop(block_hash, None)
             return None
         entry.uses += 1
         entry.last_used = time.time()
-        os.utime(entry.path)
+        try:
+            os.utime(entry.path)
+        except OSError:
+            pass
         return tokens, arrays
 
     def remove(self, block_hash: BlockHash) -> None:
@@ -271,4 +298,7 @@ class DiskStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
         except OSError:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                log.warning("cannot move or delete damaged KV block file %s", path.name)

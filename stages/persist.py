@@ -55,18 +55,29 @@ class Persist(Stage):
         return item
 
     async def _write_blocks(self, pending: trio.MemoryReceiveChannel[NewBlock]) -> None:
-        """Write queued blocks; runs until persist's inbox closes and the queue is drained."""
-        cache, worker = self.context.cache, self.context.worker
+        """Write queued blocks; runs until persist's inbox closes and the queue is drained.
+
+        A block evicted before its turn is skipped; a failure writing one is logged and counted,
+        never a reason to stop serving.
+        """
+        cache, worker, metrics = self.context.cache, self.context.worker, self.context.metrics
         async with pending:
-            async for block in pending:
+            async for new in pending:
                 if cache is None or cache.disk is None or worker is None:
                     continue
-                disk = cache.disk
-                arrays = await worker.call(cache.model.kv_to_arrays, block.payload)
-                written = await trio.to_thread.run_sync(disk.write, block.block_hash, block.parent, block.depth, block.tokens, arrays)
-                if written:
-                    await trio.to_thread.run_sync(disk.enforce_budget)
-                metrics = self.context.metrics
+                block = cache.pool.get(new.block_hash)
+                if block is None:
+                    metrics.inc("disk_writes_skipped")
+                    continue
+                disk, payload = cache.disk, block.payload
+                try:
+                    arrays = await worker.call(cache.model.kv_to_arrays, payload)
+                    written = await trio.to_thread.run_sync(disk.write, new.block_hash, new.parent, new.depth, new.tokens, arrays)
+                    if written:
+                        await trio.to_thread.run_sync(disk.enforce_budget)
+                except Exception:
+                    log.exception("writing KV block %s failed", new.block_hash.hex())
+                    metrics.inc("disk_write_failures")
                 metrics.counters["cache_disk_bytes"] = disk.nbytes
                 metrics.counters.update(disk.counters)
 

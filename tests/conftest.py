@@ -159,3 +159,35 @@ def real_server(tmp_path_factory):
 def pipeline_copy():
     """``pipeline_copy(folder, name="default", **cache)``: a shipped pipeline with other cache settings."""
     return _pipeline_copy
+
+
+def _write_random_model(folder: Path, config: dict, seed: int) -> Path:
+    """An mlx-lm model folder with random weights for ``config`` and SmolLM2's tokenizer files.
+
+    Runs MLX: call it on the MLX worker (``mlx.run_sync``). Needs the converted embedded model.
+    """
+    import importlib
+    import json
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from semantic.paths import cache_dir
+
+    arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    mx.random.seed(seed)
+    model = arch.Model(arch.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (folder / "config.json").write_text(json.dumps(config))
+    converted = next((cache_dir() / "models").glob("SmolLM2-135M-Instruct*-float32-v*"))
+    for f in converted.iterdir():  # the tokenizer files, chat template included
+        if f.name not in ("config.json", "model.safetensors"):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(mlx, smollm):
+    """``random_model_dir(folder, config, seed)``: a tiny random-weight mlx-lm model folder."""
+    return lambda folder, config, seed=0: mlx.run_sync(_write_random_model, folder, config, seed)

@@ -178,3 +178,38 @@ def test_blocks_written_by_persist_are_found_after_a_restart(scripted, tmp_path)
     item, ctx = trio.run(second_life, corrupt_second_block)
     assert item.prefix_len == 4  # the chain stops at the damaged block; the rest is prefilled
     assert ctx.metrics.counters["cache_disk_corrupt"] == 1 and ctx.cache.disk.counters["disk_quarantined"] == 1
+
+
+def _crafted(header: object) -> bytes:
+    import json as _json
+    import struct as _struct
+
+    data = _json.dumps(header).encode()
+    return _struct.pack("<Q", len(data)) + data
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        _crafted([1, 2, 3]),  # not an object
+        _crafted({"__metadata__": {"format": "semantic-kv/1", "fingerprint": "fp", "layout": "scripted", "block_tokens": "4", "block_hash": "zz"}}),
+        _crafted({"__metadata__": "nonsense"}),
+        b"",
+    ],
+)
+def test_crafted_files_cost_only_themselves(tmp_path, content):
+    disk = store(tmp_path)
+    good = put(disk, list(range(4)))
+    (tmp_path / ("ab" * 16 + ".safetensors")).write_bytes(content)
+    again = store(tmp_path)
+    assert again.scan()["blocks"] == 1 and again.counters["disk_quarantined"] == 1
+    assert again.read(good[0]) is not None
+
+
+def test_tampered_tokens_are_refused_on_read(tmp_path):
+    disk = store(tmp_path)
+    (h,) = put(disk, [1, 2, 3, 4])
+    path = disk.path_of(h)
+    raw = path.read_bytes().replace(b"[1, 2, 3, 4]", b'["a", 2, 3, 4]')
+    path.write_bytes(raw)
+    assert disk.read(h) is None and disk.counters["disk_quarantined"] == 1

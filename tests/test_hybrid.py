@@ -3,8 +3,6 @@ a wrong cache: it is not paged into blocks, and a kept state is reused only when
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import pytest
 import trio
@@ -12,7 +10,6 @@ import trio
 from semantic.harness import incoming, run_stage, stage_context
 from semantic.items import Tokenized
 from semantic.model import LoadContext, SamplingParams
-from semantic.paths import cache_dir
 from semantic.plugins.mlx_dir import MLXDirOptions, load_mlx_dir
 from semantic.stages.cache_lookup import CacheLookup
 from semantic.stages.decode import Decode
@@ -23,12 +20,8 @@ pytestmark = pytest.mark.integration
 WINDOW = 8
 
 
-def _build(folder):
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import gemma3_text
-
-    config = {
+def _config():
+    return {
         "model_type": "gemma3_text",
         "hidden_size": 64,
         "num_hidden_layers": 4,
@@ -43,20 +36,11 @@ def _build(folder):
         "max_position_embeddings": 1024,
         "eos_token_id": 2,
     }
-    mx.random.seed(3)
-    model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(config))
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (folder / "config.json").write_text(json.dumps(config))
-    converted = next((cache_dir() / "models").glob("SmolLM2-135M-Instruct*-float32-v*"))
-    for f in converted.iterdir():
-        if f.name not in ("config.json", "model.safetensors"):
-            shutil.copy(f, folder / f.name)
 
 
 @pytest.fixture(scope="module")
-def gemma(tmp_path_factory, mlx, smollm):
-    folder = tmp_path_factory.mktemp("tiny-gemma3")
-    mlx.run_sync(_build, folder)
+def gemma(tmp_path_factory, mlx, random_model_dir):
+    folder = random_model_dir(tmp_path_factory.mktemp("tiny-gemma3"), _config(), seed=3)
     return mlx.run_sync(load_mlx_dir, str(folder), MLXDirOptions(), LoadContext("tiny-gemma3", None, None))
 
 

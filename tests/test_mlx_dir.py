@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 
 from semantic.model import ChatMessage, LoadContext, SamplingParams
-from semantic.paths import SourceNotFound, cache_dir
+from semantic.paths import SourceNotFound
 from semantic.plugins.mlx_dir import MLXDirOptions, dir_fingerprint, load_mlx_dir
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, mlx, smollm):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    mlx.run_sync(_build_tiny_llama, folder)
-    return folder
-
-
-def _build_tiny_llama(folder):
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
-
+def tiny_llama(tmp_path_factory, random_model_dir):
     config = {
         "model_type": "llama",
         "hidden_size": 64,
@@ -39,14 +26,7 @@ def _build_tiny_llama(folder):
         "tie_word_embeddings": True,
         "eos_token_id": 2,
     }
-    mx.random.seed(7)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (folder / "config.json").write_text(json.dumps(config))
-    converted = next((cache_dir() / "models").glob("SmolLM2-135M-Instruct*-float32-v*"))
-    for f in converted.iterdir():  # the tokenizer files, chat template included
-        if f.name not in ("config.json", "model.safetensors"):
-            shutil.copy(f, folder / f.name)
+    return random_model_dir(tmp_path_factory.mktemp("tiny-llama"), config, seed=7)
 
 
 def generate(model, prompt, prefix=None, prefix_len=0):
