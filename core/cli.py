@@ -39,7 +39,13 @@ def _load(ref: str, registry: Registry) -> tuple[PipelineConfig, Path]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
+    from .blas import loaded_blas
     from .server import serve
+
+    blas = loaded_blas()
+    logging.getLogger("semantic").info(
+        "BLAS: %s", f"OpenBLAS ({blas})" if blas else "MLX's reference BLAS (on Linux, apt-get install libopenblas0-pthread: ~10x faster prefill)"
+    )
 
     registry = Registry.from_plugins()
     config, path = _load(args.pipeline, registry)
@@ -90,6 +96,14 @@ def cmd_plugins(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_blas(_args: argparse.Namespace) -> int:
+    from .blas import find_openblas, loaded_blas
+
+    print(f"preload: {find_openblas() or 'none'}")
+    print(f"loaded: {loaded_blas() or 'reference'}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semantic", description="Local LLM server of typed trio stages; agents resume warm.")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
@@ -109,11 +123,17 @@ def parser() -> argparse.ArgumentParser:
     pl.add_parser("list", help="list shipped pipelines").set_defaults(func=cmd_list)
 
     sub.add_parser("plugins", help="list what the installed plugins register").set_defaults(func=cmd_plugins)
+    sub.add_parser("blas", help="which BLAS the server preloads (SEMANTIC_BLAS) and uses").set_defaults(func=cmd_blas)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    if args.command in ("serve", "blas"):
+        from .blas import ensure_preloaded
+
+        ensure_preloaded(argv)  # re-executes once with OpenBLAS when the machine has it
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 
