@@ -111,6 +111,15 @@ class RequestHandle:
         for cb in callbacks:
             cb(self)
 
+    async def next_event(self, timeout: float = math.inf) -> Event | None:
+        """The next event, or None if none arrives within ``timeout`` seconds (or after the end)."""
+        with trio.move_on_after(timeout):
+            try:
+                return await self._recv.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return None
+        return None
+
     async def events(self) -> AsyncIterator[Event]:
         """The request's events, ending after ``Finished`` or ``Failed`` (may be resumed)."""
         async for event in self._recv:

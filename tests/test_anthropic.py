@@ -196,3 +196,26 @@ def test_client_leaving_while_queued_is_never_generated(start_server, tmp_path):
     quick = {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "next"}]}
     r = httpx.post(url, json=quick, timeout=6)
     assert r.status_code == 200 and r.json()["content"][0]["text"] == "qqq"
+
+
+def test_streams_ping_while_waiting_in_the_queue_and_prefilling(start_server, tmp_path):
+    from semantic.plugins.anthropic.routes import KEEPALIVE_S
+
+    text = (PIPELINES / "scripted.yaml").read_text().replace("reply: null", f"prefill_delay_s: {KEEPALIVE_S + 1.5}\n    reply: ok")
+    path = tmp_path / "slow-prefill.yaml"
+    path.write_text(text)
+    server = start_server(str(path))
+    body = {"model": MODEL, "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+    def events(agent):
+        with httpx.stream("POST", f"{server.url}/v1/messages", json=body, headers={"x-agent-id": agent}, timeout=60) as r:
+            assert r.status_code == 200
+            return [line.split(": ", 1)[1] for line in r.iter_lines() if line.startswith("event: ")]
+
+    with ThreadPoolExecutor(2) as pool:  # the second waits in the queue while the first prefills
+        results = list(pool.map(events, ["first", "second"]))
+    for names in results:
+        assert names[0] == "message_start" and names[-1] == "message_stop"
+        silent = names[: names.index("content_block_start")]
+        assert silent.count("ping") >= 2  # the opening ping and at least one keep-alive
+        assert names[-5:] == ["content_block_delta", "content_block_delta", "content_block_stop", "message_delta", "message_stop"]

@@ -110,12 +110,32 @@ def _stop_reason(finished: Finished) -> str:
     return "end_turn" if finished.stop_reason == "cancelled" else finished.stop_reason
 
 
-async def _stream(ex: _Exchange, first: Started, events: AsyncIterator[Event]) -> AsyncIterator[str]:
+#: A stream starts (message_start, then pings) when the first event takes longer than this;
+#: errors that come sooner still get their own HTTP status.
+STREAM_GRACE_S = 1.0
+#: While a request waits in the queue or its prompt is prefilled, a ping at least this often
+#: (Claude Code and proxies abort silent streams).
+KEEPALIVE_S = 5.0
+
+
+async def _stream(ex: _Exchange, first: Event | None) -> AsyncIterator[str]:
+    started = first.usage if isinstance(first, Started) else Usage()
     try:
-        yield sse("message_start", {"type": "message_start", "message": ex.message([], None, None, first.usage)})
+        yield sse("message_start", {"type": "message_start", "message": ex.message([], None, None, started)})
         yield sse("ping", {"type": "ping"})
-        yield sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
-        async for ev in events:
+        block_open = False
+        ev = first if not isinstance(first, Started) else None
+        while True:
+            if ev is None:
+                ev = await ex.handle.next_event(KEEPALIVE_S)
+                if ev is None:
+                    if ex.handle.done:
+                        return
+                    yield sse("ping", {"type": "ping"})
+                    continue
+            if isinstance(ev, TextDelta | Finished) and not block_open:
+                block_open = True
+                yield sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
             if isinstance(ev, TextDelta):
                 delta = {"type": "text_delta", "text": ev.text}
                 yield sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
@@ -128,6 +148,7 @@ async def _stream(ex: _Exchange, first: Started, events: AsyncIterator[Event]) -
                 yield sse("message_delta", {"type": "message_delta", "delta": delta, "usage": usage_json(ev.usage)})
                 yield sse("message_stop", {"type": "message_stop"})
                 return
+            ev = None
     finally:
         ex.handle.cancel()  # no-op when finished; stops generation when the client went away
 
@@ -136,8 +157,8 @@ class _SSEBody:
     """The SSE body. However the response ends — finished, client gone, never started — the
     request is cancelled (a no-op once it has finished), so nothing generates for nobody."""
 
-    def __init__(self, ex: _Exchange, first: Started, events: AsyncIterator[Event]) -> None:
-        self._gen = _stream(ex, first, events)
+    def __init__(self, ex: _Exchange, first: Event | None) -> None:
+        self._gen = _stream(ex, first)
         weakref.finalize(self, ex.handle.cancel)
 
     def __aiter__(self) -> _SSEBody:
@@ -200,16 +221,17 @@ def blueprint(pipeline: Any) -> Blueprint:
         try:
             if not req.stream:
                 return await _complete(ex, events)
-            first = await anext(events, None)
+            first = await handle.next_event(STREAM_GRACE_S)
         except BaseException:  # the client left while the request waited
             handle.cancel()
             raise
-        if not isinstance(first, Started):
+        if isinstance(first, Failed):
             handle.cancel()
-            error = first.error if isinstance(first, Failed) else RequestError(ErrorKind.INTERNAL, "no response")
-            return error_response(error)
+            return error_response(first.error)
+        if first is None and handle.done:
+            return error_response(RequestError(ErrorKind.INTERNAL, "the request ended without a response"))
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-        return Response(_SSEBody(ex, first, events), mimetype="text/event-stream", headers=headers)
+        return Response(_SSEBody(ex, first), mimetype="text/event-stream", headers=headers)
 
     @bp.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:

@@ -60,6 +60,7 @@ class ScriptedOptions(BaseModel):
     reply: str | None = Field(None, description="Fixed reply; default: echo the last user message.")
     fail_on: str | None = Field(None, description="Raise inside generation when the prompt contains this.")
     token_delay_s: float = Field(0.0, ge=0, description="Sleep per generated token (worker thread).")
+    prefill_delay_s: float = Field(0.0, ge=0, description="Sleep before the first token (a long prefill).")
     context_length: int = Field(4096, ge=16)
 
 
@@ -75,6 +76,7 @@ class _Gen(Generation):
 
     def __iter__(self) -> Iterator[int]:
         _on_worker_thread()
+        time.sleep(self.model.options.prefill_delay_s)
         for token in self.reply[: self.params.max_tokens]:
             if self.model.options.token_delay_s:
                 time.sleep(self.model.options.token_delay_s)
