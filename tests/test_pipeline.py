@@ -45,6 +45,29 @@ async def collect(pipeline: Pipeline, item: Incoming) -> list:
     return [ev async for ev in item.request.events()]
 
 
+def run_many(pipeline: Pipeline, items: list[Incoming]) -> dict[int, list | RequestError]:
+    """Start the pipeline, submit every item at once, close it; each item's events or refusal."""
+
+    async def main():
+        results: dict[int, list | RequestError] = {}
+
+        async def one(i, item):
+            try:
+                results[i] = await collect(pipeline, item)
+            except RequestError as e:
+                results[i] = e
+
+        async with trio.open_nursery() as n:
+            await n.start(pipeline.run)
+            async with trio.open_nursery() as clients:
+                for i, item in enumerate(items):
+                    clients.start_soon(one, i, item)
+            pipeline.close()
+        return results
+
+    return trio.run(main)
+
+
 def text_of(events) -> str:
     return "".join(e.text for e in events if isinstance(e, TextDelta))
 
@@ -86,21 +109,7 @@ def test_many_concurrent_requests_all_complete(registry, scripted):
     pipeline = _pipeline(registry, scripted)
     pipeline.config.limits.max_queue_depth = 16
 
-    async def main():
-        results = {}
-        async with trio.open_nursery() as n:
-            await n.start(pipeline.run)
-
-            async def one(i):
-                results[i] = await collect(pipeline, incoming(f"number {i}", agent=f"agent-{i % 3}"))
-
-            async with trio.open_nursery() as clients:
-                for i in range(12):
-                    clients.start_soon(one, i)
-            pipeline.close()
-        return results
-
-    results = trio.run(main)
+    results = run_many(pipeline, [incoming(f"number {i}", agent=f"agent-{i % 3}") for i in range(12)])
     assert sorted(results) == list(range(12))
     for i, events in results.items():
         assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
@@ -110,24 +119,7 @@ def test_many_concurrent_requests_all_complete(registry, scripted):
 def test_requests_beyond_the_in_flight_cap_are_refused_at_once(registry, scripted):
     pipeline = _pipeline(registry, scripted, token_delay_s=0.01)  # queue 4 + sessions 4 = 8 in flight
 
-    async def main():
-        results = {}
-        async with trio.open_nursery() as n:
-            await n.start(pipeline.run)
-
-            async def one(i):
-                try:
-                    results[i] = await collect(pipeline, incoming(f"n{i}", agent=f"a{i % 4}"))
-                except RequestError as e:
-                    results[i] = e
-
-            async with trio.open_nursery() as clients:
-                for i in range(20):
-                    clients.start_soon(one, i)
-            pipeline.close()
-        return results
-
-    results = trio.run(main)
+    results = run_many(pipeline, [incoming(f"n{i}", agent=f"a{i % 4}") for i in range(20)])
     refused = [r for r in results.values() if isinstance(r, RequestError)]
     served = [r for r in results.values() if not isinstance(r, RequestError)]
     assert len(refused) + len(served) == 20 and refused and served
