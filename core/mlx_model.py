@@ -143,6 +143,12 @@ class MLXLMModel(Model):
                 new.offset = prefix_len
         return _MLXGeneration(self, list(prompt), caches, params)
 
+    def batch_engine(self, options: Any) -> Any:
+        """mlx-lm's ``BatchGenerator``: one forward pass per step for the whole batch."""
+        from .mlx_batch import MLXBatchEngine
+
+        return MLXBatchEngine(self, options)
+
     def split_kv(self, state: KVState, bounds: Sequence[tuple[int, int]]) -> list[Any]:
         import mlx.core as mx
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .batching import BatchEngine, BatchOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +129,16 @@ class Model(ABC):
         are guaranteed by the caller. ``prefix`` itself must not be modified: other requests may
         reuse it.
         """
+
+    def batch_engine(self, options: BatchOptions) -> BatchEngine:
+        """The engine decode batches this model's sequences with (on the MLX worker thread).
+
+        The default interleaves :meth:`generate` streams one token per step; models that can run
+        a real batch (one forward pass for all sequences) return their own engine.
+        """
+        from .batching import SequentialEngine
+
+        return SequentialEngine(self, options)
 
     def close(self) -> None:
         """Release what the model holds (weights, buffers). Called on the MLX worker thread."""

@@ -1,16 +1,29 @@
-"""decode: generate on the MLX worker thread, streaming text back to the request as it comes."""
+"""decode: continuous batching on the MLX worker thread, streaming text to each request.
+
+The stage loop takes new requests whenever the batch has room, then runs one engine step as a job
+on the worker: sequences that left (cancelled, stopped by a stop sequence) are removed first, new
+ones are added with the KV prefix cache-lookup prepared, then one decode step (and a prefill chunk)
+runs. Between two steps the worker is free for other jobs (cache joins, block splits, disk reads).
+Tokens become text per request here, on the event loop; a finished request goes on to persist
+with its KV cache. A cancelled request leaves the batch at the next step.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
+import trio
 from pydantic import Field
 
 from semantic import hookimpl
+from semantic.batching import BatchEngine, BatchOptions, SeqEvent, SequenceSpec
+from semantic.detokenize import IncrementalDecoder
 from semantic.errors import ErrorKind, RequestError
 from semantic.items import Generated, Tokenized
-from semantic.model import KVState, Model
+from semantic.model import KVState
 from semantic.request import Started, TextDelta, Usage
 from semantic.stage import NoSettings, Stage
 from semantic.stops import StopMatcher
@@ -20,92 +33,228 @@ log = logging.getLogger(__name__)
 
 class DecodeSettings(NoSettings):
     emit_every: int = Field(1, ge=1, le=64, description="Tokens per streamed text event (1 = every token).")
+    max_batch: int | None = Field(
+        None, ge=1, le=256, description="Sequences decoded together (default: limits.max_concurrent_sessions)."
+    )
+    prefill_chunk: int = Field(512, ge=16, le=8192, description="Most prompt tokens prefilled between two decode steps.")
+    prefill_share: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="A prefill chunk may take this many times a decode step while others decode (smaller: smoother streams).",
+    )
 
 
 @dataclass(slots=True)
-class Outcome:
-    stop_reason: str
-    output_tokens: int
-    stop_sequence: str | None
-    kv_state: KVState | None
+class _Seq:
+    """A request in the batch and its text state."""
+
+    item: Tokenized
+    decoder: IncrementalDecoder
+    stops: StopMatcher
+    count: int = 0
+    pending: list[str] = field(default_factory=list)
+    reason: str | None = None  # set when the request is done generating
+    stop_sequence: str | None = None
+    kv: KVState | None = None
 
 
-def generate(model: Model, item: Tokenized, emit, emit_every: int = 1) -> Outcome:
-    """One request's whole generation; runs on the MLX worker thread.
+@dataclass(slots=True)
+class _StepResult:
+    removed: dict[int, KVState | None]
+    add_errors: dict[int, BaseException]
+    events: list[SeqEvent]
+    error: BaseException | None = None
 
-    ``emit(event)`` delivers an event to the request (it hops to the event loop). Stops at an end
-    token, a stop sequence, ``max_tokens`` or when the request is cancelled.
-    """
-    req, params = item.request, item.params
-    eos = model.tokenizer.eos_token_ids
-    decoder = model.tokenizer.stream_decoder()
-    stops = StopMatcher(params.stop)
-    gen = model.generate(item.prompt_tokens, item.prefix, item.prefix_len, params)
-    reason, stop_seq, count, pending = "max_tokens", None, 0, []
-    for token in gen:
-        if req.cancelled or req.done:  # the caller left, or the request already failed
-            reason = "cancelled"
-            break
-        if token in eos:
-            reason = "end_turn"
-            break
-        count += 1
-        text, stop_seq = stops.push(decoder.add(token))
-        if text:
-            pending.append(text)
-        if stop_seq is not None:
-            reason = "stop_sequence"
-            break
-        if pending and (count % emit_every == 0):
-            emit(TextDelta("".join(pending)))
-            pending.clear()
-        if count >= params.max_tokens:
-            break
-    if stop_seq is None:
-        tail, stop_seq = stops.push(decoder.flush())
-        pending.append(tail + ("" if stop_seq else stops.flush()))
-        if stop_seq is not None:
-            reason = "stop_sequence"
-    if "".join(pending):
-        emit(TextDelta("".join(pending)))
-    return Outcome(reason, count, stop_seq, gen.kv_state())
+
+def _step_job(engine: BatchEngine, removals: list[int], adds: list[SequenceSpec]) -> _StepResult:
+    """On the worker thread: remove, add, step."""
+    removed = engine.remove(removals) if removals else {}
+    errors: dict[int, BaseException] = {}
+    for spec in adds:
+        try:
+            engine.add(spec)
+        except Exception as e:  # this request cannot start (bad cache, bad parameters): it alone fails
+            errors[spec.seq_id] = e
+    try:
+        events = engine.step() if engine.active else []
+    except Exception as e:  # the batch is lost
+        return _StepResult(removed, errors, [], e)
+    return _StepResult(removed, errors, events)
 
 
 class Decode(Stage):
-    """Runs generation for one request at a time on the worker thread that owns MLX."""
+    """Continuous batching: requests join and leave the batch independently, one step at a time."""
 
     name = "decode"
     takes = Tokenized
     gives = Generated
     Settings = DecodeSettings
-    description = "mlx-lm generation on the MLX worker thread, streaming text deltas."
+    description = "Continuous batching on the MLX worker thread (chunked prefill between decode steps), streaming text."
 
-    async def process(self, item: Tokenized) -> Generated:
+    async def setup(self) -> None:
+        self._ids = itertools.count()
+        self._seqs: dict[int, _Seq] = {}
+        self._adds: list[SequenceSpec] = []
+        s, limits = self.settings, self.context.limits
+        self.options = BatchOptions(
+            max_batch=s.max_batch or limits.max_concurrent_sessions,
+            prefill_chunk=s.prefill_chunk,
+            prefill_share=s.prefill_share,
+        )
+
+    async def _new_engine(self) -> BatchEngine:
         model, worker = self.context.model, self.context.worker
         assert model is not None and worker is not None, "decode needs a model and its worker"
-        req = item.request
-        cached = item.prefix_len if item.prefix is not None else 0
-        req.push(Started(Usage(prompt_tokens=len(item.prompt_tokens), cached_tokens=cached)))
+        return await worker.call(model.batch_engine, self.options)
 
-        def emit(event) -> None:
-            worker.to_loop(req.push, event)
-
+    async def run(self, inbox, outbox, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await self.setup()
+        engine = await self._new_engine()
+        done_send, done_recv = trio.open_memory_channel[Generated](math.inf)
+        task_status.started()
         try:
-            out = await worker.call(generate, model, item, emit, self.settings.emit_every)
-        except Exception as e:  # the model failed on this request: its caller gets a 500
-            log.exception("generation failed for %s", req.id)
-            self.context.metrics.inc("generation_errors")
-            raise RequestError(ErrorKind.INTERNAL, f"generation failed: {type(e).__name__}") from e
-        self.context.metrics.inc("generated_tokens", out.output_tokens)
-        return item.advance(
-            Generated,
-            stop_reason=out.stop_reason,
-            output_tokens=out.output_tokens,
-            stop_sequence=out.stop_sequence,
-            kv_state=out.kv_state,
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._forward, done_recv, outbox)
+                async with inbox, done_send:
+                    await self._loop(engine, inbox, done_send)
+        finally:
+            worker = self.context.worker
+            if worker is not None and worker.alive:
+                with trio.CancelScope(shield=True):
+                    await worker.call(engine.close)
+
+    async def _forward(self, done_recv, outbox) -> None:
+        async with done_recv, outbox:
+            async for item in done_recv:
+                await outbox.send(item)
+
+    async def _take(self, inbox, wait: bool) -> bool:
+        """Move arrivals into the batch while it has room; False once the inbox is closed."""
+        room = self.options.max_batch - len(self._seqs)
+        tried_again = False
+        while room > 0:
+            try:
+                item = await inbox.receive() if wait else inbox.receive_nowait()
+            except trio.WouldBlock:
+                if tried_again:
+                    return True
+                tried_again = True
+                await trio.lowlevel.checkpoint()  # let the sender offer its next item
+                continue
+            except trio.EndOfChannel:
+                return False
+            wait = tried_again = False
+            if not item.request.done:
+                self._join(item)
+                room -= 1
+        return True
+
+    def _join(self, item: Tokenized) -> None:
+        seq_id = next(self._ids)
+        tokenizer = self.context.model.tokenizer  # type: ignore[union-attr]
+        self._seqs[seq_id] = _Seq(item, tokenizer.stream_decoder(), StopMatcher(item.params.stop))
+        self._adds.append(SequenceSpec(seq_id, item.prompt_tokens, item.prefix, item.prefix_len, item.params))
+        cached = item.prefix_len if item.prefix is not None else 0
+        item.request.push(Started(Usage(prompt_tokens=len(item.prompt_tokens), cached_tokens=cached)))
+
+    async def _loop(self, engine: BatchEngine, inbox, done_send) -> None:
+        worker, metrics = self.context.worker, self.context.metrics
+        assert worker is not None
+        open_ = True
+        while open_ or self._seqs:
+            if open_:
+                open_ = await self._take(inbox, wait=not self._seqs)
+            if not self._seqs:
+                continue
+            leaving = [sid for sid, s in self._seqs.items() if s.reason is not None or s.item.request.done]
+            adds, self._adds = self._adds, []
+            result = await worker.call(_step_job, engine, leaving, adds)
+            for sid in leaving:
+                self._leave(sid, result.removed.get(sid), done_send)
+            for sid, error in result.add_errors.items():
+                self._fail(sid, error)
+            if result.error is not None:
+                log.error("decode step failed (%s); failing the %d requests in the batch", type(result.error).__name__, len(self._seqs))
+                metrics.inc("decode_step_failures")
+                for sid in list(self._seqs):
+                    self._fail(sid, result.error)
+                await worker.call(engine.close)
+                engine = await self._new_engine()
+                continue
+            stats = engine.stats
+            metrics.inc("decode_steps")
+            metrics.inc("prefill_tokens", stats.prefill_tokens)
+            metrics.counters["decode_batch"] = stats.batch
+            for event in result.events:
+                self._on_event(event, done_send)
+
+    def _on_event(self, event: SeqEvent, done_send) -> None:
+        seq = self._seqs.get(event.seq_id)
+        if seq is None:
+            return
+        if event.error is not None:
+            self._fail(event.seq_id, event.error)
+            return
+        if seq.reason is not None or seq.item.request.done:
+            return  # it is leaving; removed at the next step
+        if event.finish == "stop":
+            seq.reason = "end_turn"
+        elif event.token is not None:
+            seq.count += 1
+            text, stop = seq.stops.push(seq.decoder.add(event.token))
+            if text:
+                seq.pending.append(text)
+            if stop is not None:
+                seq.reason, seq.stop_sequence = "stop_sequence", stop
+            elif event.finish == "length" or seq.count >= seq.item.params.max_tokens:
+                seq.reason = "max_tokens"
+            elif seq.pending and seq.count % self.settings.emit_every == 0:
+                seq.item.request.push(TextDelta("".join(seq.pending)))
+                seq.pending.clear()
+        if event.finish is not None:  # it left the batch with its cache
+            seq.reason = seq.reason or "max_tokens"
+            self._leave(event.seq_id, event.kv, done_send)
+
+    def _leave(self, seq_id: int, kv: KVState | None, done_send) -> None:
+        """The sequence is out of the batch: finish its text and send it on to persist."""
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        req = seq.item.request
+        if req.done:  # cancelled or failed: nothing more to say, nothing to keep
+            return
+        if seq.stop_sequence is None:
+            tail, stop = seq.stops.push(seq.decoder.flush())
+            seq.pending.append(tail + ("" if stop else seq.stops.flush()))
+            if stop is not None:
+                seq.reason, seq.stop_sequence = "stop_sequence", stop
+        text = "".join(seq.pending)
+        if text:
+            req.push(TextDelta(text))
+        self.context.metrics.inc("generated_tokens", seq.count)
+        done_send.send_nowait(
+            seq.item.advance(
+                Generated,
+                stop_reason=seq.reason or "max_tokens",
+                output_tokens=seq.count,
+                stop_sequence=seq.stop_sequence,
+                kv_state=kv,
+            )
         )
+
+    def _fail(self, seq_id: int, error: BaseException) -> None:
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        if not isinstance(error, RequestError):
+            log.error("generation failed for %s: %s", seq.item.request.id, type(error).__name__)
+            self.context.metrics.inc("generation_errors")
+            error = RequestError(ErrorKind.INTERNAL, f"generation failed: {type(error).__name__}")
+        seq.item.request.fail(error)
 
 
 @hookimpl
 def register_stages(register):
     register(Decode)
+

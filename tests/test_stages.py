@@ -309,8 +309,10 @@ def test_decode_stops_a_cancelled_request_within_a_token(scripted):
                         break
             return result
 
-    (out,) = run(main)
-    assert out.stop_reason == "cancelled" and out.output_tokens < 10
+    out = run(main)
+    assert out == []  # a cancelled request is dropped: nobody is left to answer
+    (gen,) = model.generations
+    assert len(gen.fed) <= 3  # it left the batch at the next step
 
 
 # --- persist ----------------------------------------------------------------------------------
