@@ -29,12 +29,13 @@ class BatchOptions:
 
     ``prefill_share``: a prompt chunk prefilled between two decode steps may take this many times
     as long as the decode step itself, so running streams keep their pace while a long prompt is
-    prefilled. ``prefill_chunk``: the most prompt tokens per chunk (also when nothing decodes).
+    prefilled (their inter-token time becomes about ``1 + prefill_share`` steps).
+    ``prefill_chunk``: the most prompt tokens per chunk (also when nothing decodes).
     """
 
     max_batch: int = 16
     prefill_chunk: int = 512
-    prefill_share: float = 1.0
+    prefill_share: float = 1.5
     min_prefill_chunk: int = 8
 
 

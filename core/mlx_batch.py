@@ -2,10 +2,11 @@
 
 ``BatchGenerator`` runs one decode step for the generation batch and then one prefill chunk for
 the prompts waiting to join it, on every ``next()``. This engine sizes that chunk before each
-step: with nothing decoding, the whole ``prefill_chunk``; otherwise as many tokens as fit in
-``prefill_share`` × the last decode step's time, from the measured prefill time per token (which
-grows with depth, so the chunk shrinks as a long prompt is prefilled). Running streams keep their
-pace while a 7K-token prompt is prefilled.
+step: with nothing decoding, the whole ``prefill_chunk``; otherwise a chunk that takes about
+``prefill_share`` × a decode step. The size is steered by measurement — each chunk's time scales
+the next one (a chunk's cost is not proportional to its tokens: a forward pass has a fixed part,
+and attention grows with depth, so the chunk shrinks as a long prompt is prefilled). Running
+streams keep their pace while a 7K-token prompt is prefilled.
 
 Cache injection: a sequence starts from the prefix cache-lookup joined (``insert(caches=...)``
 copies it; the stored blocks are never written). Cache extraction: a finished or removed
@@ -58,6 +59,10 @@ def make_sampler(params: SamplingParams, vocab_size: int) -> Any:
     return sample
 
 
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else EMA * new + (1 - EMA) * old
+
+
 class MLXBatchEngine(BatchEngine):
     def __init__(self, model: MLXLMModel, options: BatchOptions) -> None:
         from mlx_lm.generate import BatchGenerator
@@ -75,8 +80,10 @@ class MLXBatchEngine(BatchEngine):
         self._uid: dict[int, int] = {}  # seq_id -> BatchGenerator uid
         self._seq: dict[int, int] = {}  # uid -> seq_id
         self._decoding: set[int] = set()  # uids that have produced a token
-        self._step_s: float | None = None  # running average of a decode step
+        self._step_s: float | None = None  # running average of the decode part of a step
+        self._base_s: float | None = None  # running average of a step without prefill
         self._token_s: float | None = None  # running average of prefill time per token
+        self._size: int | None = None  # prefill chunk size while others decode (steered)
         self._vocab = int(getattr(getattr(model.module, "args", None), "vocab_size", 0) or 1 << 30)
 
     @property
@@ -115,20 +122,29 @@ class MLXBatchEngine(BatchEngine):
 
     def _chunk(self) -> int:
         opts = self.options
-        if not self._decoding or self._step_s is None or self._token_s is None:
+        base = self._base_s or self._step_s
+        if not self._decoding or base is None:
             return opts.prefill_chunk
-        fit = int(opts.prefill_share * self._step_s / max(self._token_s, 1e-9))
-        return max(opts.min_prefill_chunk, min(opts.prefill_chunk, fit))
+        if self._size is None:  # first chunk beside decoding: guess from the prefill rate so far
+            per = self._token_s if self._token_s is not None else base
+            self._size = int(opts.prefill_share * base / max(per, 1e-9))
+        return max(opts.min_prefill_chunk, min(opts.prefill_chunk, self._size))
 
     def step(self) -> list[SeqEvent]:
         chunk = self._gen.prefill_step_size = self._chunk()
         with self._gen.stats() as st:
             _, responses = self._gen.next()
+        total = st.decode_time + st.prompt_time
         if st.generation_steps:
-            self._step_s = st.decode_time if self._step_s is None else EMA * st.decode_time + (1 - EMA) * self._step_s
-        if st.prompt_tokens:
-            per = st.prompt_time / st.prompt_tokens
-            self._token_s = per if self._token_s is None else EMA * per + (1 - EMA) * self._token_s
+            self._step_s = _ema(self._step_s, st.decode_time)
+            if not st.prompt_tokens:  # a plain decode step: what running streams pay per token
+                self._base_s = _ema(self._base_s, total)
+        if st.prompt_tokens and st.prompt_time > 0:
+            self._token_s = _ema(self._token_s, st.prompt_time / st.prompt_tokens)
+            base = self._base_s or self._step_s
+            if self._decoding and base is not None:  # steer the next chunk toward its time budget
+                ratio = self.options.prefill_share * base / max(total - base, 1e-4)
+                self._size = max(1, int(chunk * min(2.0, max(0.1, ratio))))
         self.stats = StepStats(st.decode_time, st.prompt_time, st.prompt_tokens, len(responses), chunk)
         events = []
         for r in responses:

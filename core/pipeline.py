@@ -86,16 +86,18 @@ class Pipeline:
     async def submit(self, item: Incoming) -> None:
         """Hand a request to the first stage; its events then arrive on ``item.request``.
 
-        Refused at once (overloaded) when ``max_queue_depth + max_concurrent_sessions`` requests
-        are already admitted and unfinished, wherever they are in the pipeline.
+        Every stage's :meth:`~semantic.stage.Stage.admit` sees it first (the schedule stage
+        refuses it at once when the queue is full), so a refused request costs nothing.
         """
         if not self.ready or self._entry is None:
             raise RequestError(ErrorKind.UNAVAILABLE, f"the pipeline is not ready ({self.state.value})")
-        limits = self.config.limits
-        if len(self._inflight) >= limits.max_queue_depth + limits.max_concurrent_sessions:
-            self.context.metrics.inc("rejected_inflight")
-            raise RequestError(ErrorKind.OVERLOADED, "too many requests in flight; retry shortly", retry_after=1.0)
         request = item.request
+        try:
+            for stage in self.stages:
+                stage.admit(item)
+        except RequestError:
+            request.cancel()  # stages that admitted it count it as gone again
+            raise
         self._inflight.add(request)
         request.on_done(self._inflight.discard)
         try:

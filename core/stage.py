@@ -84,6 +84,14 @@ class Stage:
     async def setup(self) -> None:
         """Prepare before the first item (the pipeline waits for every stage's setup)."""
 
+    def admit(self, item: Incoming) -> None:
+        """Admission control, before the request enters the pipeline (nothing is allocated yet).
+
+        :meth:`Pipeline.submit <semantic.pipeline.Pipeline.submit>` calls it on every stage in
+        order; raising :class:`~semantic.errors.RequestError` refuses the request at once. A stage
+        that counts admitted requests releases them with ``item.request.on_done``.
+        """
+
     async def process(self, item: Any) -> Any | None:
         """Handle one item and return the item to send on.
 

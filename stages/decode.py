@@ -38,7 +38,7 @@ class DecodeSettings(NoSettings):
     )
     prefill_chunk: int = Field(512, ge=16, le=8192, description="Most prompt tokens prefilled between two decode steps.")
     prefill_share: float = Field(
-        1.0,
+        1.5,
         gt=0,
         le=100,
         description="A prefill chunk may take this many times a decode step while others decode (smaller: smoother streams).",
@@ -110,7 +110,7 @@ class Decode(Stage):
 
     async def run(self, inbox, outbox, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await self.setup()
-        engine = await self._new_engine()
+        engine = self.engine = await self._new_engine()
         done_send, done_recv = trio.open_memory_channel[Generated](math.inf)
         task_status.started()
         try:
@@ -180,7 +180,7 @@ class Decode(Stage):
                 for sid in list(self._seqs):
                     self._fail(sid, result.error)
                 await worker.call(engine.close)
-                engine = await self._new_engine()
+                engine = self.engine = await self._new_engine()
                 continue
             stats = engine.stats
             metrics.inc("decode_steps")

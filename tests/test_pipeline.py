@@ -18,7 +18,8 @@ from semantic.plugin_manager import Registry, plugin_manager
 from semantic.request import Failed, Finished, Started, TextDelta
 from semantic.stage import SAME, Stage
 
-SCRIPTED = Path(__file__).parent / "pipelines" / "scripted.yaml"
+from pipeline_helpers import SCRIPTED, collect, run_many, scripted_pipeline, text_of
+
 
 
 class Crash(Stage):
@@ -40,36 +41,7 @@ class CrashPlugin:
         register(Crash)
 
 
-async def collect(pipeline: Pipeline, item: Incoming) -> list:
-    await pipeline.submit(item)
-    return [ev async for ev in item.request.events()]
 
-
-def run_many(pipeline: Pipeline, items: list[Incoming]) -> dict[int, list | RequestError]:
-    """Start the pipeline, submit every item at once, close it; each item's events or refusal."""
-
-    async def main():
-        results: dict[int, list | RequestError] = {}
-
-        async def one(i, item):
-            try:
-                results[i] = await collect(pipeline, item)
-            except RequestError as e:
-                results[i] = e
-
-        async with trio.open_nursery() as n:
-            await n.start(pipeline.run)
-            async with trio.open_nursery() as clients:
-                for i, item in enumerate(items):
-                    clients.start_soon(one, i, item)
-            pipeline.close()
-        return results
-
-    return trio.run(main)
-
-
-def text_of(events) -> str:
-    return "".join(e.text for e in events if isinstance(e, TextDelta))
 
 
 def test_third_party_pipeline_runs_with_its_stage_policy_and_model(registry):
@@ -100,13 +72,9 @@ def test_third_party_pipeline_runs_with_its_stage_policy_and_model(registry):
     assert isinstance(second[0], Started) and second[0].usage.cached_tokens == usage.cached_tokens
 
 
-def _pipeline(registry, scripted, **options) -> Pipeline:
-    text = SCRIPTED.read_text().replace("  - type: system-prompt\n    settings:\n      text: You are a test.\n", "")
-    return Pipeline(parse_pipeline(text, "scripted.yaml", registry), registry, model=scripted(**options))
-
 
 def test_many_concurrent_requests_all_complete(registry, scripted):
-    pipeline = _pipeline(registry, scripted)
+    pipeline = scripted_pipeline(registry, scripted)
     pipeline.config.limits.max_queue_depth = 16
 
     results = run_many(pipeline, [incoming(f"number {i}", agent=f"agent-{i % 3}") for i in range(12)])
@@ -117,18 +85,18 @@ def test_many_concurrent_requests_all_complete(registry, scripted):
 
 
 def test_requests_beyond_the_in_flight_cap_are_refused_at_once(registry, scripted):
-    pipeline = _pipeline(registry, scripted, token_delay_s=0.01)  # queue 4 + sessions 4 = 8 in flight
+    pipeline = scripted_pipeline(registry, scripted, token_delay_s=0.01)  # queue 4 + sessions 4 = 8 in flight
 
     results = run_many(pipeline, [incoming(f"n{i}", agent=f"a{i % 4}") for i in range(20)])
     refused = [r for r in results.values() if isinstance(r, RequestError)]
     served = [r for r in results.values() if not isinstance(r, RequestError)]
     assert len(refused) + len(served) == 20 and refused and served
-    assert all(r.kind is ErrorKind.OVERLOADED and r.retry_after for r in refused)
+    assert all(r.kind is ErrorKind.RATE_LIMITED and r.retry_after for r in refused)
     assert all(isinstance(ev[-1], Finished | Failed) for ev in served)
 
 
-def test_a_failing_request_does_not_stop_the_pipeline(registry, scripted):
-    pipeline = _pipeline(registry, scripted, fail_on="explode")
+def test_a_failing_request_does_not_stop_thescripted_pipeline(registry, scripted):
+    pipeline = scripted_pipeline(registry, scripted, fail_on="explode")
 
     async def main():
         async with trio.open_nursery() as n:
@@ -181,7 +149,7 @@ def test_a_stage_crash_fails_the_pipeline_loudly(scripted, caplog):
 
 
 def test_closing_the_entry_drains_requests_then_stops(registry, scripted):
-    pipeline = _pipeline(registry, scripted, token_delay_s=0.005)
+    pipeline = scripted_pipeline(registry, scripted, token_delay_s=0.005)
 
     async def main():
         async with trio.open_nursery() as n:

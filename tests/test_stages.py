@@ -7,16 +7,16 @@ import trio
 import trio.testing
 
 from semantic.config import LimitsConfig
-from semantic.errors import ErrorKind
+from semantic.errors import ErrorKind, RequestError
 from semantic.harness import drain, incoming, run_stage, stage_context
 from semantic.items import Generated, Identified, Tokenized
 from semantic.model import ChatMessage, KVState
 from semantic.request import Failed, Finished, Started, TextDelta, Usage
-from semantic.stages.cache_lookup import CacheLookup
+from semantic.stages.cache_lookup import CacheLookup, CacheLookupSettings
 from semantic.stages.decode import Decode, DecodeSettings
 from semantic.stages.identify import Identify, IdentifySettings
 from semantic.stages.persist import Persist
-from semantic.stages.schedule import Schedule
+from semantic.stages.schedule import Schedule, ScheduleSettings
 from semantic.stages.tokenize import Tokenize
 
 
@@ -149,6 +149,11 @@ def test_tokenize_keeps_output_within_the_model_context(scripted):
 # --- cache-lookup ---------------------------------------------------------------------------
 
 
+def _lookup(ctx) -> CacheLookup:
+    """cache-lookup without per-agent ordering: these tests send one agent's probes together."""
+    return CacheLookup(CacheLookupSettings(serialize_agents=False), ctx)
+
+
 def _tokenized(tokens, agent="a", **kw) -> Tokenized:
     base = incoming("x", **kw)
     return base.advance(Tokenized, agent_id=agent, prompt_tokens=tuple(tokens))
@@ -166,7 +171,7 @@ def test_cache_lookup_finds_blocks_tails_and_shared_prefixes(scripted):
     async def main():
         async with stage_context(model=model, block_tokens=4) as ctx:
             first = _tokenized(range(10))  # blocks [0-3] [4-7], tail [8, 9]
-            (looked,) = await run_stage(CacheLookup(None, ctx), [first])
+            (looked,) = await run_stage(_lookup(ctx), [first])
             await run_stage(Persist(None, ctx), [_finished(looked, output=(50, 51))])  # tail 8 9 50 51 → full block
             probes = [
                 _tokenized([*range(12), 7, 7]),  # 2 full blocks, then 8 9 of the cached [8 9 50 51]
@@ -175,7 +180,7 @@ def test_cache_lookup_finds_blocks_tails_and_shared_prefixes(scripted):
                 _tokenized([*range(9), 99, 1], agent="a"),  # diverges inside block 3: 8 + 1
                 _tokenized([7, 7, 7, 7, 7], agent="c"),
             ]
-            out = await run_stage(CacheLookup(None, ctx), probes)
+            out = await run_stage(_lookup(ctx), probes)
             for item in out:
                 item.request.cancel()  # releases its reservation
             return out, ctx
@@ -194,7 +199,7 @@ def test_cache_lookup_refuses_when_the_pool_cannot_hold_the_request(scripted):
             small = _tokenized(range(6), max_tokens=4)  # needs 3 blocks, holds them while it runs
             big = _tokenized(range(10), max_tokens=6)  # needs 4: only 2 are free
             huge = _tokenized(range(10), max_tokens=40)  # needs 13 > 5: could never fit, runs uncached
-            out = await run_stage(CacheLookup(None, ctx), [small, big, huge])
+            out = await run_stage(_lookup(ctx), [small, big, huge])
             return big, out, ctx
 
     big, out, ctx = run(main)
@@ -208,31 +213,51 @@ def test_cache_lookup_refuses_when_the_pool_cannot_hold_the_request(scripted):
 # --- schedule ---------------------------------------------------------------------------------
 
 
-def test_schedule_is_fifo_and_refuses_beyond_queue_depth():
+def test_schedule_admits_up_to_sessions_plus_queue_depth_then_refuses_at_once():
     async def main():
-        async with stage_context(worker=False, limits=LimitsConfig(max_queue_depth=2)) as ctx:
+        limits = LimitsConfig(max_queue_depth=2, max_concurrent_sessions=3)
+        async with stage_context(worker=False, limits=limits) as ctx:
             stage = Schedule(None, ctx)
-            items = [_tokenized([i]) for i in range(5)]
+            items = [_tokenized([i]) for i in range(7)]
+            refused = []
+            for item in items:
+                try:
+                    stage.admit(item)
+                except RequestError as e:
+                    refused.append((item, e))
+            items[0].request.cancel()  # one leaves: there is room for one more
+            late = _tokenized([9])
+            stage.admit(late)
+            return refused, items, stage, ctx
+
+    refused, items, stage, ctx = run(main)
+    assert [item for item, _ in refused] == items[5:]  # 3 sessions + 2 waiting
+    for item, err in refused:
+        assert err.kind is ErrorKind.RATE_LIMITED and err.retry_after == 1.0  # 429 with retry-after
+        assert not item.request.done  # refused before entering: the caller answers it
+    assert stage.admitted == 5 and ctx.metrics.counters["rejected_queue_full"] == 2
+
+
+def test_schedule_orders_by_priority_then_arrival():
+    rules = [{"priority": 5, "model": "claude-opus-*"}, {"priority": -1, "model": "claude-haiku-*"}]
+
+    async def main():
+        async with stage_context(worker=False) as ctx:
+            stage = Schedule(ScheduleSettings(batch_window_ms=50, priorities=rules), ctx)
+            names = ["claude-haiku-4-5", "other", "claude-opus-4-1", "other", "claude-opus-4-1"]
+            items = [_tokenized([i], model=name) for i, name in enumerate(names)]
             in_send, in_recv = trio.open_memory_channel(0)
             out_send, out_recv = trio.open_memory_channel(0)
             async with trio.open_nursery() as n:
                 await n.start(stage.run, in_recv, out_send)
-                for item in items:  # nobody takes from the outbox yet: the queue fills
-                    await in_send.send(item)
-                await trio.testing.wait_all_tasks_blocked()
-                refused = [i for i in items if i.request.done]
                 async with in_send:
-                    pass
+                    for item in items:  # all arrive inside the first one's batch window
+                        await in_send.send(item)
                 got = [x async for x in out_recv]
-            return items, refused, got
+            return got
 
-    items, refused, got = run(main)
-    # max_queue_depth=2: two requests wait (one of them held at the outbox), the third is refused
-    assert [x.prompt_tokens for x in got] == [(0,), (1,)]
-    assert refused == items[2:]
-    for item in refused:
-        err = failure(item).error
-        assert err.kind is ErrorKind.OVERLOADED and err.retry_after == 1.0
+    got = run(main)
+    assert [x.prompt_tokens[0] for x in got] == [2, 4, 1, 3, 0]
 
 
 def test_schedule_drops_requests_cancelled_while_waiting():
@@ -323,9 +348,9 @@ def test_persist_stores_new_blocks_and_the_tail(scripted):
 
     async def main():
         async with stage_context(model=model, block_tokens=4) as ctx:
-            (first,) = await run_stage(CacheLookup(None, ctx), [_tokenized(range(6))])
+            (first,) = await run_stage(_lookup(ctx), [_tokenized(range(6))])
             (a,) = await run_stage(Persist(None, ctx), [_finished(first, output=(90, 91, 92))])
-            (again,) = await run_stage(CacheLookup(None, ctx), [_tokenized([*range(6), 90, 91, 92, 5, 5])])
+            (again,) = await run_stage(_lookup(ctx), [_tokenized([*range(6), 90, 91, 92, 5, 5])])
             (b,) = await run_stage(Persist(None, ctx), [_finished(again, output=(1,))])
             return a, b, again, ctx
 

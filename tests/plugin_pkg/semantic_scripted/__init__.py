@@ -59,6 +59,7 @@ class ScriptedOptions(BaseModel):
 
     reply: str | None = Field(None, description="Fixed reply; default: echo the last user message.")
     fail_on: str | None = Field(None, description="Raise inside generation when the prompt contains this.")
+    fail_during: str | None = Field(None, description="Raise after the first token when the prompt contains this.")
     token_delay_s: float = Field(0.0, ge=0, description="Sleep per generated token (worker thread).")
     prefill_delay_s: float = Field(0.0, ge=0, description="Sleep before the first token (a long prefill).")
     context_length: int = Field(4096, ge=16)
@@ -73,14 +74,21 @@ class _Gen(Generation):
 
     def __post_init__(self) -> None:
         self.fed: list[int] = []
+        self.started: float | None = None  # monotonic time of the first and the last step
+        self.ended: float | None = None
 
     def __iter__(self) -> Iterator[int]:
         _on_worker_thread()
+        self.started = time.monotonic()
         time.sleep(self.model.options.prefill_delay_s)
+        fail = self.model.options.fail_during
         for token in self.reply[: self.params.max_tokens]:
             if self.model.options.token_delay_s:
                 time.sleep(self.model.options.token_delay_s)
+            if fail and self.fed and fail in self.model.tokenizer.decode(self.prompt):
+                raise RuntimeError("scripted failure during generation")
             self.fed.append(token)
+            self.ended = time.monotonic()
             yield token
 
     def kv_state(self) -> KVState:

@@ -1,0 +1,52 @@
+"""Helpers for tests that run a whole pipeline on the scripted model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from semantic.config import parse_pipeline
+from semantic.errors import RequestError
+from semantic.items import Incoming
+from semantic.pipeline import Pipeline
+from semantic.request import TextDelta
+
+SCRIPTED = Path(__file__).parent / "pipelines" / "scripted.yaml"
+
+
+async def collect(pipeline: Pipeline, item: Incoming) -> list:
+    await pipeline.submit(item)
+    return [ev async for ev in item.request.events()]
+
+
+def run_many(pipeline: Pipeline, items: list[Incoming]) -> dict[int, list | RequestError]:
+    """Start the pipeline, submit every item at once, close it; each item's events or refusal."""
+
+    async def main():
+        results: dict[int, list | RequestError] = {}
+
+        async def one(i, item):
+            try:
+                results[i] = await collect(pipeline, item)
+            except RequestError as e:
+                results[i] = e
+
+        async with trio.open_nursery() as n:
+            await n.start(pipeline.run)
+            async with trio.open_nursery() as clients:
+                for i, item in enumerate(items):
+                    clients.start_soon(one, i, item)
+            pipeline.close()
+        return results
+
+    return trio.run(main)
+
+
+def text_of(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+def scripted_pipeline(registry, scripted, **options) -> Pipeline:
+    text = SCRIPTED.read_text().replace("  - type: system-prompt\n    settings:\n      text: You are a test.\n", "")
+    return Pipeline(parse_pipeline(text, "scripted.yaml", registry), registry, model=scripted(**options))

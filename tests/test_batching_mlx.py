@@ -1,0 +1,140 @@
+"""Continuous batching on the real embedded model (float32): batched output equals alone,
+seeds, cache extraction, chunked prefill between decode steps, cancellation inside a batch."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import trio
+
+from semantic.batching import BatchOptions, SequenceSpec
+from semantic.harness import drain, incoming, stage_context
+from semantic.items import Tokenized
+from semantic.model import ChatMessage, SamplingParams
+from semantic.request import TextDelta
+from semantic.stages.decode import Decode
+
+pytestmark = pytest.mark.integration
+
+QUESTIONS = [
+    "What is 2+2?",
+    "Name three colors of the rainbow and say one thing about each.",
+    "Hi",
+    "Write a haiku about the sea.",
+]
+GREEDY = SamplingParams(max_tokens=32, temperature=0)
+
+
+def prompts(model):
+    return [tuple(model.tokenizer.encode_chat([ChatMessage("user", q)])) for q in QUESTIONS]
+
+
+def run_engine(model, specs, *, join_every=1, options=BatchOptions(max_batch=8, prefill_chunk=64), cancel=None):
+    """Drive one engine (on the worker thread): add a sequence every ``join_every`` steps.
+
+    Returns tokens per sequence, finished KV per sequence and the steps' stats.
+    """
+    engine = model.batch_engine(options)
+    tokens = {s.seq_id: [] for s in specs}
+    kvs, stats, waiting, step = {}, [], list(specs), 0
+    while waiting or engine.active:
+        if waiting and step % join_every == 0:
+            engine.add(waiting.pop(0))
+        if cancel is not None and len(tokens[cancel[0]]) >= cancel[1] and cancel[0] not in kvs:
+            kvs[cancel[0]] = engine.remove([cancel[0]])[cancel[0]]
+        for ev in engine.step():
+            tokens[ev.seq_id].append(ev.token)
+            if ev.finish:
+                kvs[ev.seq_id] = ev.kv
+        stats.append((engine.stats, {sid: len(t) for sid, t in tokens.items()}))
+        step += 1
+    engine.close()
+    return tokens, kvs, stats
+
+
+def test_greedy_tokens_are_the_same_alone_and_in_a_batch_that_changes(mlx, smollm):
+    ps = prompts(smollm)
+    specs = [SequenceSpec(i, p, None, 0, SamplingParams(max_tokens=8 + 8 * i, temperature=0)) for i, p in enumerate(ps)]
+    alone = [mlx.run_sync(run_engine, smollm, [s])[0][s.seq_id] for s in specs]
+    together, kvs, _ = mlx.run_sync(partial(run_engine, join_every=3), smollm, specs)  # join at steps 0, 3, 6, 9
+    for i, spec in enumerate(specs):
+        assert together[i] == alone[i], QUESTIONS[i]
+        kv = kvs[i]  # cache extraction: exactly the prompt and every token generated
+        assert kv.tokens == spec.prompt + tuple(together[i]) and kv.payload[0].offset == len(kv.tokens)
+
+
+def test_a_sequence_resumed_from_its_extracted_cache_continues_like_a_fresh_one(mlx, smollm):
+    (p, *_) = prompts(smollm)
+    _, kvs, _ = mlx.run_sync(run_engine, smollm, [SequenceSpec(0, p, None, 0, GREEDY)])
+    kv = kvs[0]
+    follow = kv.tokens + tuple(smollm.tokenizer.encode("\nuser\nAnd 3+3?"))
+    cold = mlx.run_sync(run_engine, smollm, [SequenceSpec(1, follow, None, 0, GREEDY)])[0][1]
+    warm = mlx.run_sync(run_engine, smollm, [SequenceSpec(1, follow, kv, len(kv.tokens), GREEDY)])[0][1]
+    assert warm == cold
+
+
+def test_same_seed_same_output_whatever_else_is_in_the_batch(mlx, smollm):
+    ps = prompts(smollm)
+    seeded = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=40, seed=1234)
+    alone = mlx.run_sync(run_engine, smollm, [SequenceSpec(0, ps[1], None, 0, seeded)])[0][0]
+    crowd = [SequenceSpec(0, ps[1], None, 0, seeded)] + [SequenceSpec(i, ps[i], None, 0, GREEDY) for i in (2, 3)]
+    batched = mlx.run_sync(partial(run_engine, join_every=2), smollm, crowd)[0][0]
+    other = mlx.run_sync(run_engine, smollm, [SequenceSpec(0, ps[1], None, 0, SamplingParams(max_tokens=24, temperature=0.9, seed=99))])[0][0]
+    assert batched == alone and other != alone
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(mlx, smollm):
+    ps = prompts(smollm)
+    long_prompt = tuple(smollm.tokenizer.encode_chat([ChatMessage("user", "Summarize: " + "the quick brown fox jumps over the lazy dog. " * 60)]))
+    running = SequenceSpec(0, ps[3], None, 0, SamplingParams(max_tokens=200, temperature=0))
+    late = SequenceSpec(1, long_prompt, None, 0, SamplingParams(max_tokens=4, temperature=0))
+    options = BatchOptions(max_batch=4, prefill_chunk=512, prefill_share=1.0)
+    tokens, _, stats = mlx.run_sync(partial(run_engine, join_every=6, options=options), smollm, [running, late])
+    # steps where the long prompt was being prefilled while the first sequence kept decoding
+    during = [(s, n) for s, n in stats if s.prefill_tokens and n[1] == 0 and n[0] > 0]
+    assert len(long_prompt) > 600 and len(during) >= 3  # several chunks, not one
+    assert all(s.chunk < len(long_prompt) for s, _ in during)
+    produced = [n[0] for _, n in during]
+    assert produced == sorted(produced) and produced[-1] - produced[0] >= len(during) - 2  # a token (almost) every step
+    assert len(tokens[1]) == 4
+
+
+def test_cancelling_one_sequence_leaves_the_others_untouched(mlx, smollm):
+    ps = prompts(smollm)
+    specs = [SequenceSpec(i, ps[i], None, 0, SamplingParams(max_tokens=24, temperature=0)) for i in range(3)]
+    alone = [mlx.run_sync(run_engine, smollm, [s])[0][s.seq_id] for s in specs]
+    tokens, kvs, _ = mlx.run_sync(partial(run_engine, cancel=(1, 3)), smollm, specs)
+    assert tokens[0] == alone[0] and tokens[2] == alone[2]
+    assert len(tokens[1]) <= 4 and tokens[1] == alone[1][: len(tokens[1])]  # out within a step
+    kv = kvs[1]  # what it had is handed back (covers exactly its tokens)
+    assert kv is None or kv.payload[0].offset == len(kv.tokens)
+
+
+def test_decode_stage_batches_requests_and_streams_each(mlx, smollm):
+    ps = prompts(smollm)
+
+    async def main():
+        async with stage_context(model=smollm, worker=mlx) as ctx:
+            items = [
+                incoming(q, max_tokens=16, max_events=256).advance(Tokenized, agent_id=f"a{i}", prompt_tokens=p)
+                for i, (q, p) in enumerate(zip(QUESTIONS, ps))
+            ]
+            decode = Decode(None, ctx)
+            send, recv = trio.open_memory_channel(0)
+            out_send, out_recv = trio.open_memory_channel(0)
+            async with trio.open_nursery() as n:
+                await n.start(decode.run, recv, out_send)
+                async with send:
+                    for item in items:
+                        await send.send(item)
+                out = [x async for x in out_recv]
+            return items, out, ctx
+
+    items, out, ctx = trio.run(main)
+    alone = [mlx.run_sync(run_engine, smollm, [SequenceSpec(0, p, None, 0, SamplingParams(max_tokens=16, temperature=0))])[0][0] for p in ps]
+    assert len(out) == 4 and ctx.metrics.counters["decode_batch"] >= 1
+    for item, tokens in zip(items, alone):
+        text = "".join(e.text for e in drain(item.request) if isinstance(e, TextDelta))
+        eos = smollm.tokenizer.eos_token_ids
+        assert text == smollm.tokenizer.decode([t for t in tokens if t not in eos])
