@@ -36,7 +36,7 @@ class BatchOptions:
     max_batch: int = 16
     prefill_chunk: int = 512
     prefill_share: float = 1.5
-    min_prefill_chunk: int = 8
+    min_prefill_chunk: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,12 +133,35 @@ def test_overload_is_refused_with_retry_after(start_server, tmp_path):
         responses = list(pool.map(call, range(12)))
     refused = [r for r in responses if r.status_code != 200]
     assert refused and len(refused) < 12
+    kinds = {(r.status_code, r.json()["error"]["type"]) for r in refused}
+    # more agents than sessions: 529 overloaded; beyond sessions + queue depth: 429 at the door
+    assert (529, "overloaded_error") in kinds and kinds <= {(529, "overloaded_error"), (429, "rate_limit_error")}
     for r in refused:
-        assert r.status_code == 529 and r.json()["error"]["type"] == "overloaded_error"
         assert int(r.headers["retry-after"]) >= 1
     for r in responses:
         if r.status_code == 200:
             assert r.json()["content"][0]["text"] == "slow reply"
+
+
+def test_a_full_queue_is_refused_with_429_rate_limit_and_retry_after(start_server, tmp_path):
+    text = (PIPELINES / "scripted.yaml").read_text().replace("reply: null", "token_delay_s: 0.1\n    reply: slow reply")
+    path = tmp_path / "slow.yaml"
+    path.write_text(text)
+    server = start_server(str(path))  # 4 sessions + 4 waiting
+    body = {"model": MODEL, "max_tokens": 100, "messages": [{"role": "user", "content": "x"}]}
+
+    def call(i):  # four agents, three requests each: one runs, the others wait their turn
+        return httpx.post(f"{server.url}/v1/messages", json=body, headers={"x-agent-id": f"agent-{i % 4}"}, timeout=60)
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(call, range(12)))
+    refused = [r for r in responses if r.status_code != 200]
+    assert len(refused) >= 4
+    for r in refused:
+        assert r.status_code == 429 and r.json() == {"type": "error", "error": {"type": "rate_limit_error", "message": r.json()["error"]["message"]}}
+        assert "queue is full" in r.json()["error"]["message"] and int(r.headers["retry-after"]) >= 1
+    assert all(r.json()["content"][0]["text"] == "slow reply" for r in responses if r.status_code == 200)
+    assert httpx.post(f"{server.url}/v1/messages", json=body, timeout=30).status_code == 200  # still serving
 
 
 def test_service_routes(scripted_server):

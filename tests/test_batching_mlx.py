@@ -86,17 +86,18 @@ def test_same_seed_same_output_whatever_else_is_in_the_batch(mlx, smollm):
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(mlx, smollm):
     ps = prompts(smollm)
-    long_prompt = tuple(smollm.tokenizer.encode_chat([ChatMessage("user", "Summarize: " + "the quick brown fox jumps over the lazy dog. " * 60)]))
+    long_prompt = tuple(smollm.tokenizer.encode_chat([ChatMessage("user", "Summarize: " + "the quick brown fox jumps over the lazy dog. " * 20)]))
     running = SequenceSpec(0, ps[3], None, 0, SamplingParams(max_tokens=200, temperature=0))
     late = SequenceSpec(1, long_prompt, None, 0, SamplingParams(max_tokens=4, temperature=0))
-    options = BatchOptions(max_batch=4, prefill_chunk=512, prefill_share=1.0)
+    options = BatchOptions(max_batch=4, prefill_chunk=96, prefill_share=1.0)
     tokens, _, stats = mlx.run_sync(partial(run_engine, join_every=6, options=options), smollm, [running, late])
     # steps where the long prompt was being prefilled while the first sequence kept decoding
     during = [(s, n) for s, n in stats if s.prefill_tokens and n[1] == 0 and n[0] > 0]
-    assert len(long_prompt) > 600 and len(during) >= 3  # several chunks, not one
+    assert len(long_prompt) > 200 and len(during) >= 3  # several chunks, not one
     assert all(s.chunk < len(long_prompt) for s, _ in during)
     produced = [n[0] for _, n in during]
-    assert produced == sorted(produced) and produced[-1] - produced[0] >= len(during) - 2  # a token (almost) every step
+    # the running stream kept producing: a token in (nearly) every step of the prefill
+    assert produced == sorted(produced) and produced[-1] - produced[0] >= 0.8 * (len(during) - 1)
     assert len(tokens[1]) == 4
 
 
