@@ -164,6 +164,23 @@ def test_a_full_queue_is_refused_with_429_rate_limit_and_retry_after(start_serve
     assert httpx.post(f"{server.url}/v1/messages", json=body, timeout=30).status_code == 200  # still serving
 
 
+def test_a_model_failure_is_a_500_api_error_and_the_server_keeps_serving(start_server, tmp_path):
+    text = (PIPELINES / "scripted.yaml").read_text().replace("reply: null", "fail_during: explode\n    reply: null")
+    path = tmp_path / "failing.yaml"
+    path.write_text(text)
+    server = start_server(str(path))
+    url = f"{server.url}/v1/messages"
+
+    def body(text):
+        return {"model": MODEL, "max_tokens": 50, "messages": [{"role": "user", "content": text}]}
+
+    r = httpx.post(url, json=body("please explode"), timeout=30)
+    assert r.status_code == 500 and r.json()["type"] == "error" and r.json()["error"]["type"] == "api_error"
+    assert "explode" not in r.json()["error"]["message"]  # no request content in errors
+    ok = httpx.post(url, json=body("stay calm"), timeout=30)
+    assert ok.status_code == 200 and ok.json()["content"][0]["text"] == "You said: stay calm"
+
+
 def test_service_routes(scripted_server):
     url = scripted_server.url
     assert httpx.head(url + "/").status_code == 200
