@@ -104,21 +104,14 @@ class MLXBatchEngine(BatchEngine):
 
     def _start_cache(self, spec: SequenceSpec) -> tuple[list[Any] | None, int]:
         """The KV caches a sequence starts from (None: empty) and how many prompt tokens they hold."""
-        from mlx_lm.models.cache import KVCache
+        from .mlx_model import leading_kv
 
         prefix, n = spec.prefix, spec.prefix_len
         if prefix is None or n <= 0:
             return None, 0
         if n == len(prefix.tokens):
             return list(prefix.payload), n  # inserted caches are copied, never written
-        if not all(type(c) is KVCache for c in prefix.payload):
-            raise RuntimeError("partial prefix reuse needs full-attention KV caches")
-        caches = []
-        for old in prefix.payload:
-            new = KVCache()
-            new.keys, new.values, new.offset = old.keys[..., :n, :], old.values[..., :n, :], n
-            caches.append(new)
-        return caches, n
+        return leading_kv(prefix.payload, n), n
 
     def _chunk(self) -> int:
         opts = self.options

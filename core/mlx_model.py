@@ -102,6 +102,23 @@ def _copy_cache(cache: Any) -> Any:
     return new
 
 
+def leading_kv(caches: Sequence[Any], n: int) -> list[Any]:
+    """New per-layer ``KVCache`` objects holding the first ``n`` tokens of ``caches``.
+
+    Slicing makes new arrays, so the stored prefix is never written through.
+    """
+    from mlx_lm.models.cache import KVCache
+
+    if not all(type(c) is KVCache for c in caches):
+        raise RuntimeError("partial prefix reuse needs full-attention KV caches")
+    out = []
+    for old in caches:
+        new = KVCache()
+        new.keys, new.values, new.offset = old.keys[..., :n, :], old.values[..., :n, :], n
+        out.append(new)
+    return out
+
+
 class MLXLMModel(Model):
     """An mlx-lm ``nn.Module`` plus tokenizer; caches are lists of per-layer ``KVCache``."""
 
@@ -126,7 +143,7 @@ class MLXLMModel(Model):
         prefix_len: int,
         params: SamplingParams,
     ) -> Generation:
-        from mlx_lm.models.cache import KVCache, make_prompt_cache
+        from mlx_lm.models.cache import make_prompt_cache
 
         caches = make_prompt_cache(self.module)
         if prefix is not None and prefix.exclusive and prefix_len == len(prefix.tokens):
@@ -134,13 +151,7 @@ class MLXLMModel(Model):
         elif prefix is not None and prefix_len == len(prefix.tokens):
             caches = [_copy_cache(c) for c in prefix.payload]  # any cache kind, used whole
         elif prefix is not None and prefix_len > 0:
-            if not all(type(c) is KVCache for c in caches):
-                raise RuntimeError("partial prefix reuse needs full-attention KV caches")
-            for new, old in zip(caches, prefix.payload, strict=True):
-                # Slicing makes new arrays: the stored prefix is never written through.
-                new.keys = old.keys[..., :prefix_len, :]
-                new.values = old.values[..., :prefix_len, :]
-                new.offset = prefix_len
+            caches = leading_kv(prefix.payload, prefix_len)
         return _MLXGeneration(self, list(prompt), caches, params)
 
     def batch_engine(self, options: Any) -> Any:

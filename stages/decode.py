@@ -196,8 +196,10 @@ class Decode(Stage):
         if event.error is not None:
             self._fail(event.seq_id, event.error)
             return
-        if seq.reason is not None or seq.item.request.done:
-            return  # it is leaving; removed at the next step
+        if seq.reason is not None or seq.item.request.done:  # already leaving
+            if event.finish is not None:  # the engine let it go too: keep the cache it handed back
+                self._leave(event.seq_id, event.kv, done_send)
+            return
         if event.finish == "stop":
             seq.reason = "end_turn"
         elif event.token is not None:
