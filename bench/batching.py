@@ -228,6 +228,9 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=7168, help="the long prompt prefilled under 8-agent load (0: skip)")
     parser.add_argument("--skip-mlx-lm", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--decode", type=json.loads, default={}, help='decode stage settings as JSON, e.g. \'{"prefill_share": 3}\'')
+    parser.add_argument("--tag", default="", help="results go to batching-TAG.json")
+    parser.add_argument("--schedule", type=json.loads, default={}, help="schedule stage settings as JSON")
     args = parser.parse_args()
 
     from semantic.blas import find_openblas
@@ -242,16 +245,21 @@ def main() -> None:
     from semantic.paths import cache_dir
     from semantic.pipelines import shipped
 
-    work = Path(tempfile.mkdtemp(prefix="semantic-bench-"))
-    data = yaml.safe_load(shipped()["default"].read_text())
-    data["cache"].update(disk_mb=0, memory_mb=4096)
-    data["limits"].update(max_queue_depth=64, max_concurrent_sessions=32)
-    pipeline = work / "bench.yaml"
-    pipeline.write_text(yaml.safe_dump(data))
     results: dict = {
         "bench": "batching", "model": "smollm2-135m-instruct (float32)", "machine": platform.platform(),
         "cpus": os.cpu_count(), "blas": blas or "reference", "max_tokens": args.max_tokens, "throughput": {},
     }  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="semantic-bench-"))
+    data = yaml.safe_load(shipped()["default"].read_text())
+    data["cache"].update(disk_mb=0, memory_mb=4096)
+    data["limits"].update(max_queue_depth=64, max_concurrent_sessions=32)
+    for stage in data["stages"]:
+        settings = {"decode": args.decode, "schedule": args.schedule}.get(stage["type"])
+        if settings:
+            stage["settings"] = {**stage.get("settings", {}), **settings}
+    results["settings"] = {"decode": args.decode, "schedule": args.schedule}
+    pipeline = work / "bench.yaml"
+    pipeline.write_text(yaml.safe_dump(data))
 
     server = semantic_server(pipeline)
     model_dir = next((cache_dir() / "models").glob("SmolLM2-135M-Instruct*-float32-v*"))
@@ -296,7 +304,7 @@ def main() -> None:
         print("overhead:", json.dumps(results["overhead"]), flush=True)
 
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "batching.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / f"batching{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 

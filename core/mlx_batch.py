@@ -3,7 +3,8 @@
 ``BatchGenerator`` runs one decode step for the generation batch and then one prefill chunk for
 the prompts waiting to join it, on every ``next()``. This engine sizes that chunk before each
 step: with nothing decoding, the whole ``prefill_chunk``; otherwise a chunk that takes about
-``prefill_share`` × a decode step. The size is steered by measurement — each chunk's time scales
+``prefill_share`` × a decode step — unless every prompt being prefilled is short
+(``whole_prompt``), which then goes in one pass. The size is steered by measurement — each chunk's time scales
 the next one (a chunk's cost is not proportional to its tokens: a forward pass has a fixed part,
 and attention grows with depth, so the chunk shrinks as a long prompt is prefilled). Running
 streams keep their pace while a 7K-token prompt is prefilled.
@@ -80,6 +81,7 @@ class MLXBatchEngine(BatchEngine):
         self._uid: dict[int, int] = {}  # seq_id -> BatchGenerator uid
         self._seq: dict[int, int] = {}  # uid -> seq_id
         self._decoding: set[int] = set()  # uids that have produced a token
+        self._length: dict[int, int] = {}  # uid -> prompt tokens (cached ones included)
         self._step_s: float | None = None  # running average of the decode part of a step
         self._base_s: float | None = None  # running average of a step without prefill
         self._token_s: float | None = None  # running average of prefill time per token
@@ -101,6 +103,7 @@ class MLXBatchEngine(BatchEngine):
         )
         self._uid[spec.seq_id] = uid
         self._seq[uid] = spec.seq_id
+        self._length[uid] = len(spec.prompt)
 
     def _start_cache(self, spec: SequenceSpec) -> tuple[list[Any] | None, int]:
         """The KV caches a sequence starts from (None: empty) and how many prompt tokens they hold."""
@@ -118,6 +121,9 @@ class MLXBatchEngine(BatchEngine):
         base = self._base_s or self._step_s
         if not self._decoding or base is None:
             return opts.prefill_chunk
+        prefilling = [self._length[uid] for uid in self._seq if uid not in self._decoding]
+        if prefilling and max(prefilling) <= opts.whole_prompt:
+            return opts.prefill_chunk  # short prompts only: one pass each
         if self._size is None:  # first chunk beside decoding: guess from the prefill rate so far
             per = self._token_s if self._token_s is not None else base
             self._size = int(opts.prefill_share * base / max(per, 1e-9))
@@ -170,6 +176,7 @@ class MLXBatchEngine(BatchEngine):
         seq_id = self._seq.pop(uid, None)
         self._uid.pop(seq_id, None)  # type: ignore[arg-type]
         self._decoding.discard(uid)
+        self._length.pop(uid, None)
 
     def _kv(self, caches: list[Any] | None, tokens: Sequence[int] | None) -> KVState | None:
         """A KVState for an extracted cache, if it covers exactly ``tokens``."""
@@ -189,3 +196,4 @@ class MLXBatchEngine(BatchEngine):
         self._uid.clear()
         self._seq.clear()
         self._decoding.clear()
+        self._length.clear()

@@ -37,6 +37,9 @@ class DecodeSettings(NoSettings):
         None, ge=1, le=256, description="Sequences decoded together (default: limits.max_concurrent_sessions)."
     )
     prefill_chunk: int = Field(512, ge=16, le=8192, description="Most prompt tokens prefilled between two decode steps.")
+    whole_prompt: int = Field(
+        256, ge=0, le=8192, description="Prompts up to this many tokens (cached included) are prefilled in one pass, never cut."
+    )
     prefill_share: float = Field(
         1.5,
         gt=0,
@@ -101,6 +104,7 @@ class Decode(Stage):
             max_batch=s.max_batch or limits.max_concurrent_sessions,
             prefill_chunk=s.prefill_chunk,
             prefill_share=s.prefill_share,
+            whole_prompt=s.whole_prompt,
         )
 
     async def _new_engine(self) -> BatchEngine:

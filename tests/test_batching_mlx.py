@@ -89,7 +89,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(mlx, smollm):
     long_prompt = tuple(smollm.tokenizer.encode_chat([ChatMessage("user", "Summarize: " + "the quick brown fox jumps over the lazy dog. " * 20)]))
     running = SequenceSpec(0, ps[3], None, 0, SamplingParams(max_tokens=200, temperature=0))
     late = SequenceSpec(1, long_prompt, None, 0, SamplingParams(max_tokens=4, temperature=0))
-    options = BatchOptions(max_batch=4, prefill_chunk=96, prefill_share=1.0)
+    options = BatchOptions(max_batch=4, prefill_chunk=96, prefill_share=1.0, whole_prompt=64)
     tokens, _, stats = mlx.run_sync(partial(run_engine, join_every=6, options=options), smollm, [running, late])
     # steps where the long prompt was being prefilled while the first sequence kept decoding
     during = [(s, n) for s, n in stats if s.prefill_tokens and n[1] == 0 and n[0] > 0]
@@ -99,6 +99,19 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(mlx, smollm):
     # the running stream kept producing: a token in (nearly) every step of the prefill
     assert produced == sorted(produced) and produced[-1] - produced[0] >= 0.8 * (len(during) - 1)
     assert len(tokens[1]) == 4
+
+
+def test_a_short_prompt_joining_a_running_batch_is_prefilled_in_one_pass(mlx, smollm):
+    ps = prompts(smollm)
+    running = SequenceSpec(0, ps[3], None, 0, SamplingParams(max_tokens=40, temperature=0))
+    short = SequenceSpec(1, ps[1], None, 0, SamplingParams(max_tokens=4, temperature=0))
+    options = BatchOptions(max_batch=4, prefill_chunk=512, prefill_share=0.1, whole_prompt=len(ps[1]))
+    _, _, stats = mlx.run_sync(partial(run_engine, join_every=6, options=options), smollm, [running, short])
+    late = [s for s, n in stats if s.prefill_tokens and n[0] > 0]
+    assert [s.prefill_tokens for s in late] == [len(ps[1]) - 1]  # all but the last token, in one pass
+    cut = BatchOptions(max_batch=4, prefill_chunk=512, prefill_share=0.1, whole_prompt=len(ps[1]) - 1)
+    _, _, stats = mlx.run_sync(partial(run_engine, join_every=6, options=cut), smollm, [running, short])
+    assert len([s for s, n in stats if s.prefill_tokens and n[0] > 0]) > 1  # one token too long: chunked
 
 
 def test_cancelling_one_sequence_leaves_the_others_untouched(mlx, smollm):
