@@ -1,13 +1,15 @@
 """Continuous batching for mlx-lm models: mlx-lm's ``BatchGenerator`` behind :class:`BatchEngine`.
 
-``BatchGenerator`` runs one decode step for the generation batch and then one prefill chunk for
-the prompts waiting to join it, on every ``next()``. This engine sizes that chunk before each
-step: with nothing decoding, the whole ``prefill_chunk``; otherwise a chunk that takes about
-``prefill_share`` × a decode step — unless every prompt being prefilled is short
-(``whole_prompt``), which then goes in one pass. The size is steered by measurement — each chunk's time scales
-the next one (a chunk's cost is not proportional to its tokens: a forward pass has a fixed part,
-and attention grows with depth, so the chunk shrinks as a long prompt is prefilled). Running
-streams keep their pace while a 7K-token prompt is prefilled.
+``BatchGenerator`` runs one decode step for the generation batch and then prefills the prompts
+waiting to join it, on every ``next()``. Short prompts (at most ``whole_prompt`` tokens to
+prefill) go that way, in one pass: on a CPU every forward pass has a large fixed cost. A long
+prompt is prefilled by this engine on a cache of its own, one chunk after each step, and joins
+the batch when only its last token is left — so it never pads the short prompts prefilled beside
+it to its depth. While others decode, a chunk is sized to take about ``prefill_share`` × a plain
+decode step, steered by measurement (each chunk's time scales the next: a pass has a fixed part
+and attention grows with depth, so chunks shrink as the prompt gets deeper); with nothing
+decoding, chunks are ``prefill_chunk`` tokens. Running streams keep their pace while a 7K-token
+prompt is prefilled.
 
 Cache injection: a sequence starts from the prefix cache-lookup joined (``insert(caches=...)``
 copies it; the stored blocks are never written). Cache extraction: a finished or removed
@@ -16,7 +18,9 @@ sequence hands back a per-layer ``KVCache`` list covering exactly its tokens.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .batching import BatchEngine, BatchOptions, SeqEvent, SequenceSpec, StepStats
@@ -64,6 +68,15 @@ def _ema(old: float | None, new: float) -> float:
     return new if old is None else EMA * new + (1 - EMA) * old
 
 
+@dataclass(slots=True)
+class _LongPrompt:
+    """A long prompt being prefilled on its own cache; ``pos`` tokens of it are in the cache."""
+
+    spec: SequenceSpec
+    caches: list[Any]
+    pos: int
+
+
 class MLXBatchEngine(BatchEngine):
     def __init__(self, model: MLXLMModel, options: BatchOptions) -> None:
         from mlx_lm.generate import BatchGenerator
@@ -76,24 +89,31 @@ class MLXBatchEngine(BatchEngine):
             stop_tokens=[[t] for t in sorted(model.tokenizer.eos_token_ids)],
             completion_batch_size=options.max_batch,
             prefill_batch_size=max(1, min(8, options.max_batch)),
-            prefill_step_size=options.prefill_chunk,
+            prefill_step_size=max(options.prefill_chunk, options.whole_prompt),
         )
         self._uid: dict[int, int] = {}  # seq_id -> BatchGenerator uid
         self._seq: dict[int, int] = {}  # uid -> seq_id
         self._decoding: set[int] = set()  # uids that have produced a token
-        self._length: dict[int, int] = {}  # uid -> prompt tokens (cached ones included)
+        self._long: dict[int, _LongPrompt] = {}  # seq_id -> long prompt being prefilled, in order
         self._step_s: float | None = None  # running average of the decode part of a step
         self._base_s: float | None = None  # running average of a step without prefill
-        self._token_s: float | None = None  # running average of prefill time per token
-        self._size: int | None = None  # prefill chunk size while others decode (steered)
+        self._token_s: float | None = None  # running average of long-prefill time per token
+        self._size: int | None = None  # long-prefill chunk while others decode (steered)
         self._vocab = int(getattr(getattr(model.module, "args", None), "vocab_size", 0) or 1 << 30)
 
     @property
     def active(self) -> int:
-        return len(self._seq)
+        return len(self._seq) + len(self._long)
 
     def add(self, spec: SequenceSpec) -> None:
-        caches, start = self._start_cache(spec)
+        start = spec.prefix_len if spec.prefix is not None else 0
+        if len(spec.prompt) - start > self.options.whole_prompt:
+            caches = self.model.writable_cache(spec.prefix, start)
+            self._long[spec.seq_id] = _LongPrompt(spec, caches, start)
+        else:
+            self._insert(spec, self._start_cache(spec), start)
+
+    def _insert(self, spec: SequenceSpec, caches: list[Any] | None, start: int) -> None:
         (uid,) = self._gen.insert(
             [list(spec.prompt[start:])],
             max_tokens=[spec.params.max_tokens],
@@ -103,48 +123,73 @@ class MLXBatchEngine(BatchEngine):
         )
         self._uid[spec.seq_id] = uid
         self._seq[uid] = spec.seq_id
-        self._length[uid] = len(spec.prompt)
 
-    def _start_cache(self, spec: SequenceSpec) -> tuple[list[Any] | None, int]:
-        """The KV caches a sequence starts from (None: empty) and how many prompt tokens they hold."""
+    def _start_cache(self, spec: SequenceSpec) -> list[Any] | None:
+        """The KV caches a short sequence starts from (None: empty); ``insert`` copies them."""
         from .mlx_model import leading_kv
 
         prefix, n = spec.prefix, spec.prefix_len
         if prefix is None or n <= 0:
-            return None, 0
+            return None
         if n == len(prefix.tokens):
-            return list(prefix.payload), n  # inserted caches are copied, never written
-        return leading_kv(prefix.payload, n), n
+            return list(prefix.payload)
+        return leading_kv(prefix.payload, n)
 
-    def _chunk(self) -> int:
+    def _long_chunk(self, left: int) -> int:
         opts = self.options
         base = self._base_s or self._step_s
         if not self._decoding or base is None:
-            return opts.prefill_chunk
-        prefilling = [self._length[uid] for uid in self._seq if uid not in self._decoding]
-        if prefilling and max(prefilling) <= opts.whole_prompt:
-            return opts.prefill_chunk  # short prompts only: one pass each
-        if self._size is None:  # first chunk beside decoding: guess from the prefill rate so far
-            per = self._token_s if self._token_s is not None else base
-            self._size = int(opts.prefill_share * base / max(per, 1e-9))
-        return max(opts.min_prefill_chunk, min(opts.prefill_chunk, self._size))
+            size = opts.prefill_chunk
+        else:
+            if self._size is None:  # first chunk beside decoding: guess from the rate so far
+                self._size = int(opts.prefill_share * base / self._token_s) if self._token_s else 16
+            size = self._size
+        return max(1, min(left, opts.prefill_chunk, max(opts.min_prefill_chunk, size)))
+
+    def _prefill_long(self) -> tuple[float, int]:
+        """One chunk of the oldest long prompt; it joins the batch when one token is left."""
+        import mlx.core as mx
+
+        seq_id, job = next(iter(self._long.items()))
+        prompt = job.spec.prompt
+        n = self._long_chunk(len(prompt) - 1 - job.pos)
+        t0 = time.perf_counter()
+        with mx.stream(self._gen.stream):
+            self.model.module(mx.array([list(prompt[job.pos : job.pos + n])]), cache=job.caches)
+            mx.eval([x for c in job.caches for x in (c.keys, c.values) if x is not None])
+        dt = time.perf_counter() - t0
+        job.pos += n
+        self._token_s = _ema(self._token_s, dt / n)
+        base = self._base_s or self._step_s
+        if self._decoding and base is not None:  # steer the next chunk toward its time budget
+            self._size = max(1, int(n * min(2.0, max(0.1, self.options.prefill_share * base / dt))))
+        if job.pos >= len(prompt) - 1:
+            del self._long[seq_id]
+            self._insert(job.spec, job.caches, job.pos)
+        return dt, n
 
     def step(self) -> list[SeqEvent]:
-        chunk = self._gen.prefill_step_size = self._chunk()
-        with self._gen.stats() as st:
-            _, responses = self._gen.next()
-        total = st.decode_time + st.prompt_time
-        if st.generation_steps:
-            self._step_s = _ema(self._step_s, st.decode_time)
-            if not st.prompt_tokens:  # a plain decode step: what running streams pay per token
-                self._base_s = _ema(self._base_s, total)
-        if st.prompt_tokens and st.prompt_time > 0:
-            self._token_s = _ema(self._token_s, st.prompt_time / st.prompt_tokens)
-            base = self._base_s or self._step_s
-            if self._decoding and base is not None:  # steer the next chunk toward its time budget
-                ratio = self.options.prefill_share * base / max(total - base, 1e-4)
-                self._size = max(1, int(chunk * min(2.0, max(0.1, ratio))))
-        self.stats = StepStats(st.decode_time, st.prompt_time, st.prompt_tokens, len(responses), chunk)
+        events: list[SeqEvent] = []
+        decode_s = prefill_s = 0.0
+        prefill_tokens = 0
+        if self._seq:
+            with self._gen.stats() as st:
+                _, responses = self._gen.next()
+            decode_s, prefill_s, prefill_tokens = st.decode_time, st.prompt_time, st.prompt_tokens
+            if st.generation_steps:
+                self._step_s = _ema(self._step_s, st.decode_time)
+                if not st.prompt_tokens:  # a plain decode step: what running streams pay per token
+                    self._base_s = _ema(self._base_s, st.decode_time + st.prompt_time)
+            events = self._events(responses)
+        chunk = 0
+        if self._long:
+            dt, chunk = self._prefill_long()
+            prefill_s += dt
+            prefill_tokens += chunk
+        self.stats = StepStats(decode_s, prefill_s, prefill_tokens, len(events), chunk)
+        return events
+
+    def _events(self, responses: list[Any]) -> list[SeqEvent]:
         events = []
         for r in responses:
             seq_id = self._seq.get(r.uid)
@@ -160,11 +205,15 @@ class MLXBatchEngine(BatchEngine):
         return events
 
     def remove(self, seq_ids: Sequence[int]) -> dict[int, KVState | None]:
+        out: dict[int, KVState | None] = {}
+        for seq_id in seq_ids:
+            job = self._long.pop(seq_id, None)
+            if job is not None:
+                out[seq_id] = self._kv(job.caches, job.spec.prompt[: job.pos])
         uids = [self._uid[s] for s in seq_ids if s in self._uid]
         if not uids:
-            return {}
+            return out
         got = self._gen.remove(uids, return_prompt_caches=True)
-        out: dict[int, KVState | None] = {}
         for uid in uids:
             seq_id = self._seq[uid]
             self._forget(uid)
@@ -176,7 +225,6 @@ class MLXBatchEngine(BatchEngine):
         seq_id = self._seq.pop(uid, None)
         self._uid.pop(seq_id, None)  # type: ignore[arg-type]
         self._decoding.discard(uid)
-        self._length.pop(uid, None)
 
     def _kv(self, caches: list[Any] | None, tokens: Sequence[int] | None) -> KVState | None:
         """A KVState for an extracted cache, if it covers exactly ``tokens``."""
@@ -196,4 +244,4 @@ class MLXBatchEngine(BatchEngine):
         self._uid.clear()
         self._seq.clear()
         self._decoding.clear()
-        self._length.clear()
+        self._long.clear()

@@ -143,16 +143,21 @@ class MLXLMModel(Model):
         prefix_len: int,
         params: SamplingParams,
     ) -> Generation:
+        return _MLXGeneration(self, list(prompt), self.writable_cache(prefix, prefix_len), params)
+
+    def writable_cache(self, prefix: KVState | None, prefix_len: int) -> list[Any]:
+        """Per-layer caches holding the first ``prefix_len`` tokens of ``prefix`` (or empty ones)
+        that a forward pass may write into without touching the stored prefix."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        caches = make_prompt_cache(self.module)
-        if prefix is not None and prefix.exclusive and prefix_len == len(prefix.tokens):
-            caches, prefix.exclusive = prefix.payload, False  # built for this request: adopt it
-        elif prefix is not None and prefix_len == len(prefix.tokens):
-            caches = [_copy_cache(c) for c in prefix.payload]  # any cache kind, used whole
-        elif prefix is not None and prefix_len > 0:
-            caches = leading_kv(prefix.payload, prefix_len)
-        return _MLXGeneration(self, list(prompt), caches, params)
+        if prefix is None or prefix_len <= 0:
+            return make_prompt_cache(self.module)
+        if prefix.exclusive and prefix_len == len(prefix.tokens):
+            prefix.exclusive = False  # built for this request: adopt it
+            return list(prefix.payload)
+        if prefix_len == len(prefix.tokens):
+            return [_copy_cache(c) for c in prefix.payload]  # any cache kind, used whole
+        return leading_kv(prefix.payload, prefix_len)
 
     def batch_engine(self, options: Any) -> Any:
         """mlx-lm's ``BatchGenerator``: one forward pass per step for the whole batch."""

@@ -133,7 +133,9 @@ def test_thousands_of_cancellations_leak_no_sequences_or_blocks(registry, script
                     for i in range(wave * 60, wave * 60 + 60):
                         clients.start_soon(one, i)
             decode = stage(pipeline, "decode")
-            await trio.sleep(0.05)
+            with trio.move_on_after(10):  # cancelled sequences leave at decode's next step
+                while decode._seqs or decode.engine.active:
+                    await trio.sleep(0.01)
             state = (
                 pipeline.context.cache.pool.num_used,
                 len(pipeline._inflight),

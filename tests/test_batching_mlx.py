@@ -31,7 +31,8 @@ def prompts(model):
 
 
 def run_engine(model, specs, *, join_every=1, options=BatchOptions(max_batch=8, prefill_chunk=64), cancel=None):
-    """Drive one engine (on the worker thread): add a sequence every ``join_every`` steps.
+    """Drive one engine (on the worker thread): add a sequence every ``join_every`` steps;
+    ``cancel=(seq, tokens, step)`` removes ``seq`` once it has ``tokens`` tokens, from ``step`` on.
 
     Returns tokens per sequence, finished KV per sequence and the steps' stats.
     """
@@ -41,7 +42,7 @@ def run_engine(model, specs, *, join_every=1, options=BatchOptions(max_batch=8, 
     while waiting or engine.active:
         if waiting and step % join_every == 0:
             engine.add(waiting.pop(0))
-        if cancel is not None and len(tokens[cancel[0]]) >= cancel[1] and cancel[0] not in kvs:
+        if cancel is not None and len(tokens[cancel[0]]) >= cancel[1] and step >= cancel[2] and cancel[0] not in kvs:
             kvs[cancel[0]] = engine.remove([cancel[0]])[cancel[0]]
         for ev in engine.step():
             tokens[ev.seq_id].append(ev.token)
@@ -99,6 +100,13 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(mlx, smollm):
     # the running stream kept producing: a token in (nearly) every step of the prefill
     assert produced == sorted(produced) and produced[-1] - produced[0] >= 0.8 * (len(during) - 1)
     assert len(tokens[1]) == 4
+    whole = BatchOptions(max_batch=4, prefill_chunk=96, whole_prompt=10_000)  # one pass inside the batch
+    assert tokens[1] == mlx.run_sync(partial(run_engine, options=whole), smollm, [late])[0][1]
+    # leaving half-way through its prefill hands back the part already prefilled
+    _, kvs, _ = mlx.run_sync(partial(run_engine, join_every=6, options=options, cancel=(1, 0, 9)), smollm, [running, late])
+    kv = kvs[1]
+    assert kv is not None and 0 < len(kv.tokens) < len(long_prompt) and kv.tokens == long_prompt[: len(kv.tokens)]
+    assert kv.payload[0].offset == len(kv.tokens)
 
 
 def test_a_short_prompt_joining_a_running_batch_is_prefilled_in_one_pass(mlx, smollm):
@@ -118,7 +126,7 @@ def test_cancelling_one_sequence_leaves_the_others_untouched(mlx, smollm):
     ps = prompts(smollm)
     specs = [SequenceSpec(i, ps[i], None, 0, SamplingParams(max_tokens=24, temperature=0)) for i in range(3)]
     alone = [mlx.run_sync(run_engine, smollm, [s])[0][s.seq_id] for s in specs]
-    tokens, kvs, _ = mlx.run_sync(partial(run_engine, cancel=(1, 3)), smollm, specs)
+    tokens, kvs, _ = mlx.run_sync(partial(run_engine, cancel=(1, 3, 0)), smollm, specs)
     assert tokens[0] == alone[0] and tokens[2] == alone[2]
     assert len(tokens[1]) <= 4 and tokens[1] == alone[1][: len(tokens[1])]  # out within a step
     kv = kvs[1]  # what it had is handed back (covers exactly its tokens)
