@@ -185,39 +185,43 @@ def overhead(n: int, max_tokens: int) -> dict:
         full = [s for s, k in steps if k == n]
         return {"wall_s": wall, "tokens": tokens, "step_s_median": statistics.median(full) if full else None}
 
+    async def through_pipeline(trial: int) -> dict:
+        times: dict[int, list[float]] = {i: [] for i in range(n)}
+        counts = []
+
+        async def one(i: int) -> None:
+            item = incoming(messages[i], model="smollm2", max_tokens=max_tokens, agent=f"o{trial}-{i}")  # a new agent: no cached tail (prompts are shorter than a block)
+            await pipeline.submit(item)
+            async for ev in item.request.events():
+                if isinstance(ev, TextDelta):
+                    times[i].append(time.perf_counter())
+                elif isinstance(ev, Finished):
+                    counts.append(ev.usage.output_tokens)
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as clients:
+            for i in range(n):
+                clients.start_soon(one, i)
+        wall = time.perf_counter() - t0
+        # steps where every stream was decoding: the gap between the k-th tokens of all streams
+        k_max = min(len(t) for t in times.values())
+        steps = [max(times[i][k] for i in times) - max(times[i][k - 1] for i in times) for k in range(1, k_max)]
+        return {"wall_s": wall, "tokens": sum(counts), "step_s_median": statistics.median(steps) if steps else None}
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(pipeline.run)
             worker = pipeline.context.worker
-            out["bare"] = await worker.call(bare, pipeline.model)
-            out["bare_again"] = await worker.call(bare, pipeline.model)
-            times: dict[int, list[float]] = {i: [] for i in range(n)}
-            counts = []
-
-            async def one(i: int) -> None:
-                item = incoming(messages[i], model="smollm2", max_tokens=max_tokens, agent=f"o{i}")
-                await pipeline.submit(item)
-                async for ev in item.request.events():
-                    if isinstance(ev, TextDelta):
-                        times[i].append(time.perf_counter())
-                    elif isinstance(ev, Finished):
-                        counts.append(ev.usage.output_tokens)
-
-            t0 = time.perf_counter()
-            async with trio.open_nursery() as clients:
-                for i in range(n):
-                    clients.start_soon(one, i)
-            wall = time.perf_counter() - t0
-            # steps where every stream was decoding: the gap between the k-th tokens of all streams
-            k_max = min(len(t) for t in times.values())
-            steps = [max(times[i][k] for i in times) - max(times[i][k - 1] for i in times) for k in range(1, k_max)]
-            out["pipeline"] = {"wall_s": wall, "tokens": sum(counts), "step_s_median": statistics.median(steps) if steps else None}
+            for trial in range(3):  # alternate, so drift on a shared machine hits both sides
+                out.setdefault("bare", []).append(await worker.call(bare, pipeline.model))
+                out.setdefault("pipeline", []).append(await through_pipeline(trial))
             pipeline.close()
 
     trio.run(main)
-    bare_step = min(x["step_s_median"] for x in (out["bare"], out["bare_again"]))
-    out["step_ratio"] = out["pipeline"]["step_s_median"] / bare_step
-    out["wall_ratio"] = out["pipeline"]["wall_s"] / min(out["bare"]["wall_s"], out["bare_again"]["wall_s"])
+    best = {side: {k: min(r[k] for r in out[side]) for k in ("wall_s", "step_s_median")} for side in ("bare", "pipeline")}
+    out["best"] = best
+    out["step_ratio"] = best["pipeline"]["step_s_median"] / best["bare"]["step_s_median"]
+    out["wall_ratio"] = best["pipeline"]["wall_s"] / best["bare"]["wall_s"]
     return out
 
 
