@@ -172,7 +172,8 @@ class Decode(Stage):
             if not self._seqs:
                 continue
             leaving = [sid for sid, s in self._seqs.items() if s.reason is not None or s.item.request.done]
-            adds, self._adds = self._adds, []
+            gone = set(leaving)  # cancelled before it was ever added: never add it
+            adds, self._adds = [a for a in self._adds if a.seq_id not in gone], []
             result = await worker.call(_step_job, engine, leaving, adds)
             for sid in leaving:
                 self._leave(sid, result.removed.get(sid), done_send)

@@ -181,6 +181,19 @@ def test_a_model_failure_is_a_500_api_error_and_the_server_keeps_serving(start_s
     assert ok.status_code == 200 and ok.json()["content"][0]["text"] == "You said: stay calm"
 
 
+def test_an_unpaired_surrogate_is_a_400_and_the_server_keeps_serving(scripted_server):
+    url = f"{scripted_server.url}/v1/messages"
+    raw = '{"model": "%s", "max_tokens": 5, "messages": [{"role": "user", "content": "bad \\ud800 text"}]}' % MODEL
+    r = httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "surrogate" in r.json()["error"]["message"]
+    raw = '{"model": "claude-\\udfff", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}'
+    r = httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "model" in r.json()["error"]["message"]
+    ok = httpx.post(url, json={"model": MODEL, "max_tokens": 50, "messages": [{"role": "user", "content": "fine"}]}, timeout=30)
+    assert ok.status_code == 200 and httpx.get(f"{scripted_server.url}/health").json()["status"] == "ready"
+
+
 def test_service_routes(scripted_server):
     url = scripted_server.url
     assert httpx.head(url + "/").status_code == 200

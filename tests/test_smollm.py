@@ -86,7 +86,10 @@ def test_greedy_output_with_a_reused_prefix_matches_a_cold_run(mlx, smollm, cut)
 # SmolLM2's byte-level vocabulary has no token for the bytes 0x04 0x06 0x13 0x14 0x16 0x1d and the
 # UTF-8 lead bytes 0xF1-0xF7 (code points from U+40000): text with those cannot round-trip in any
 # tokenizer of this model, so they are left out.
-_TEXT = st.text(st.characters(max_codepoint=0x3FFFF, exclude_characters="\x04\x06\x13\x14\x16\x1d"), max_size=80)
+# valid Unicode only: tokenize refuses unpaired surrogates before the tokenizer sees them
+_TEXT = st.text(
+    st.characters(max_codepoint=0x3FFFF, exclude_characters="\x04\x06\x13\x14\x16\x1d", exclude_categories=("Cs",)), max_size=80
+)
 
 
 @settings(max_examples=60, deadline=None)
