@@ -305,6 +305,9 @@ def main() -> None:
 
     if not args.skip_overhead:
         results["overhead"] = overhead(8, args.max_tokens)
+        eight = results["throughput"].get("8", {}).get("sequential")
+        if eight:  # the ceiling: a bare BatchGenerator loop (no server at all) against semantic one at a time
+            results["overhead"]["bare_vs_sequential"] = 8 * args.max_tokens / results["overhead"]["best"]["bare"]["wall_s"] / eight["tok_s"]
         print("overhead:", json.dumps(results["overhead"]), flush=True)
 
     RESULTS.mkdir(exist_ok=True)

@@ -49,18 +49,40 @@ class CacheConfig(_Strict):
 class ServerConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address to bind; loopback unless told otherwise.")
     port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[Annotated[str, Field(min_length=8)]] = Field(
+        default_factory=list,
+        description="If set, requests must carry one of these keys (x-api-key or Authorization: Bearer); else 401.",
+    )
 
 
 class EvictionConfigBase(_Strict):
     policy: str = "lru"
 
 
+class SamplingDefaults(_Strict):
+    """Sampling for requests that do not set it themselves (Claude Code sends no temperature)."""
+
+    temperature: float | None = Field(None, ge=0, le=2, description="Default temperature (the protocol's own default otherwise).")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+
+
 class ModelConfigBase(_Strict):
     plugin: str = Field(description="Model loader (registered by a plugin), e.g. gguf.")
     source: str = Field(description="Path (relative to this file) or pkg:PACKAGE/PATH of the model.")
     name: str = Field(min_length=1, description="Name the model is served as.")
-    aliases: list[str] = Field(default_factory=list, description="Other names (glob patterns) accepted.")
+    aliases: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Other names (glob patterns) clients may ask for; default: every name. Others get 404.",
+    )
+    context_window: int | None = Field(
+        None,
+        ge=16,
+        description="Context window reported to clients and enforced, when smaller than the model's "
+        "(Claude Code then compacts its conversation in time).",
+    )
     options: dict[str, Any] = Field(default_factory=dict)
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
 
     def accepts(self, requested: str) -> bool:
         return requested == self.name or any(fnmatch.fnmatchcase(requested, p) for p in self.aliases)

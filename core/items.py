@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .model import ChatMessage, KVState, SamplingParams
+from .model import ChatMessage, KVState, SamplingParams, ToolSpec
 from .request import RequestHandle
 
 T = TypeVar("T", bound="Incoming")
@@ -25,6 +25,7 @@ class Incoming:
     model: str
     messages: tuple[ChatMessage, ...]
     params: SamplingParams
+    tools: tuple[ToolSpec, ...] = ()
     agent_hint: str | None = None
     request_bytes: int = 0
 

@@ -11,25 +11,37 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
+from .chat_format import HERMES, ChatFormat, detect_format, template_messages, template_tools
 from .detokenize import IncrementalDecoder
-from .model import ChatMessage, Generation, KVState, Model, ModelInfo, SamplingParams
+from .model import ChatMessage, Generation, KVState, Model, ModelInfo, SamplingParams, ToolSpec
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class HFChatTokenizer:
-    """A Hugging Face tokenizer with the model's chat template."""
+    """A Hugging Face tokenizer with the model's chat template.
 
-    def __init__(self, hf_tokenizer: Any, eos_token_ids: Sequence[int]) -> None:
+    Templates that handle tools get tools, calls and results natively; for the others
+    ``chat_format`` writes them into plain messages first.
+    """
+
+    def __init__(self, hf_tokenizer: Any, eos_token_ids: Sequence[int], chat_format: ChatFormat = HERMES) -> None:
         self._tok = hf_tokenizer
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.chat_format = chat_format
+        template = getattr(hf_tokenizer, "chat_template", None) or ""
+        self.native_tools = isinstance(template, str) and "tools" in template and "tool_calls" in template
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        rendered = self._tok.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
+    def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
+        uses_tools = bool(tools) or any(m.tool_calls or m.role == "tool" for m in messages)
+        kwargs: dict[str, Any] = {}
+        if uses_tools and self.native_tools:
+            kwargs["tools"] = template_tools(tools) or None
+        elif uses_tools:
+            messages = self.chat_format.render(messages, tools)
+        rendered = self._tok.apply_chat_template(template_messages(messages), add_generation_prompt=True, tokenize=False, **kwargs)
         return list(self._tok.encode(rendered, add_special_tokens=False))
 
     def encode(self, text: str) -> list[int]:
@@ -132,6 +144,7 @@ class MLXLMModel(Model):
     ):
         self.module = module
         self.tokenizer = tokenizer
+        self.chat_format = tokenizer.chat_format
         self.info = info
         self.prefill_step = prefill_step
         self._layers, self._kv_heads, self._head_dim, self._kv_dtype = kv_shape
@@ -246,6 +259,36 @@ def kv_bytes_per_token(config: dict[str, Any], dtype: str) -> int:
     return 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 4)
 
 
+class ContextOptions(BaseModel):
+    """Model options shared by the mlx-lm based loaders: the usable context window."""
+
+    context_length: int | None = Field(
+        None, ge=16, description="Usable context in tokens (default: the model's own). Longer than trained needs rope_scaling."
+    )
+    rope_scaling: dict[str, Any] | None = Field(
+        None,
+        description='RoPE scaling the model supports, as in a Hugging Face config, e.g. '
+        '{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192} or {"type": "linear", "factor": 2.0}.',
+    )
+
+
+def context_overrides(config: dict[str, Any], options: ContextOptions | None) -> dict[str, Any]:
+    """Config keys that set the context window; refuses extending it without RoPE scaling."""
+    if options is None or (options.context_length is None and options.rope_scaling is None):
+        return {}
+    trained = int(config.get("max_position_embeddings") or 2048)
+    length = options.context_length or trained
+    if length > trained and options.rope_scaling is None and config.get("rope_scaling") is None:
+        raise ValueError(
+            f"context_length {length} is longer than the {trained} tokens the model was trained for: "
+            "set rope_scaling to a scaling the model supports"
+        )
+    out: dict[str, Any] = {"max_position_embeddings": length}
+    if options.rope_scaling is not None:
+        out["rope_scaling"] = options.rope_scaling
+    return out
+
+
 def load_mlx_lm_dir(
     path: Path,
     *,
@@ -253,13 +296,23 @@ def load_mlx_lm_dir(
     fingerprint: str,
     dtype: str = "float32",
     prefill_step: int = 512,
+    context: ContextOptions | None = None,
 ) -> MLXLMModel:
-    """Load a local mlx-lm model directory (config.json, *.safetensors, tokenizer files)."""
+    """Load a local mlx-lm model directory (config.json, *.safetensors, tokenizer files).
+
+    ``context`` may change the context window (and RoPE scaling); KV caches made with another
+    scaling are not interchangeable, so it becomes part of the fingerprint.
+    """
+    import json
+
     import mlx.core as mx
     from mlx_lm.utils import load_model
     from transformers import AutoTokenizer
 
-    module, config = load_model(path)
+    overrides = context_overrides(json.loads((path / "config.json").read_text()), context)
+    module, config = load_model(path, model_config=overrides)
+    if overrides:
+        fingerprint += ":" + json.dumps(overrides, sort_keys=True, separators=(",", ":"))
     activation_dtype = dtype if dtype in _DTYPE_BYTES else "float16"
     mx.eval(module.parameters())
     hf_tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -278,5 +331,7 @@ def load_mlx_lm_dir(
         cache_layout=f"{','.join(sorted(set(kinds)))}:{layers}x{kv_heads}x{head_dim}:{activation_dtype}",
         pageable=all(k == "full" for k in kinds) and len(kinds) == layers,
     )
-    tokenizer = HFChatTokenizer(hf_tok, [e for e in eos_ids if e is not None])
+    template = getattr(hf_tok, "chat_template", None)
+    fmt = detect_format(template if isinstance(template, str) else "")
+    tokenizer = HFChatTokenizer(hf_tok, [e for e in eos_ids if e is not None], fmt)
     return MLXLMModel(module, tokenizer, info, prefill_step, (layers, kv_heads, head_dim, activation_dtype))

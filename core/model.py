@@ -12,16 +12,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .chat import ChatMessage, ToolCall, ToolSpec  # noqa: F401  (re-exported)
+from .chat_format import HERMES, ChatFormat
+
 if TYPE_CHECKING:
     from .batching import BatchEngine, BatchOptions
-
-
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
-    """One protocol-neutral chat message: ``role`` is system, user or assistant."""
-
-    role: str
-    content: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +79,9 @@ class ChatTokenizer(Protocol):
 
     eos_token_ids: frozenset[int]
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Render ``messages`` with the chat template (generation prompt added) into token ids."""
+    def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
+        """Render ``messages`` (and the ``tools`` the model may call) with the chat template,
+        generation prompt added, into token ids."""
 
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text, no special tokens added."""
@@ -110,10 +106,15 @@ class Generation(ABC):
 
 
 class Model(ABC):
-    """A loaded model. ``generate`` is called only on the MLX worker thread."""
+    """A loaded model. ``generate`` is called only on the MLX worker thread.
+
+    ``chat_format`` says how this model family writes tool calls and reasoning in its text (the
+    loader picks it); protocols use it to turn the text into tool-use and thinking blocks.
+    """
 
     info: ModelInfo
     tokenizer: ChatTokenizer
+    chat_format: ChatFormat = HERMES
 
     @abstractmethod
     def generate(

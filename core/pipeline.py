@@ -64,7 +64,9 @@ class Pipeline:
         self.base_dir = base_dir
         self.state = State.STARTING
         self.failure: str | None = None
-        self.context = StageContext(limits=config.limits, model=model, accepts_model=config.model.accepts)
+        self.context = StageContext(
+            limits=config.limits, model=model, accepts_model=config.model.accepts, context_window=config.model.context_window
+        )
         self.stages: list[Stage] = []
         self._worker = worker  # the thread that loaded ``model``, when one is given
         self._entry: trio.MemorySendChannel[Incoming] | None = None

@@ -65,7 +65,13 @@ class StageContext:
     worker: MLXWorker | None = None
     cache: BlockCache | None = None
     accepts_model: Callable[[str], bool] = lambda name: True
+    context_window: int | None = None
     metrics: Metrics = field(default_factory=Metrics)
+
+    def window(self) -> int:
+        """The context window clients get: the model's, or the smaller one the pipeline reports."""
+        own = self.model.info.context_length if self.model is not None else 1 << 30
+        return min(own, self.context_window or own)
 
 
 class Stage:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from semantic import hookimpl
+from semantic.mlx_model import ContextOptions
 from semantic.model import LoadContext, LoaderSpec
 from semantic.paths import resolve_source
 
@@ -45,7 +46,7 @@ class GGUFError(ValueError):
     """The GGUF file cannot be onboarded (unsupported architecture, tokenizer or tensor)."""
 
 
-class GGUFOptions(BaseModel):
+class GGUFOptions(ContextOptions):
     """``model.options`` for the ``gguf`` loader."""
 
     model_config = ConfigDict(extra="forbid")
@@ -250,6 +251,7 @@ def load_gguf(source: str, options: GGUFOptions, context: LoadContext) -> Any:
         fingerprint=f"gguf:{digest}:{options.dtype}",
         dtype=options.dtype,
         prefill_step=options.prefill_step,
+        context=options,
     )
 
 

@@ -13,11 +13,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from semantic import hookimpl
+from semantic.mlx_model import ContextOptions
 from semantic.model import LoadContext, LoaderSpec
 from semantic.paths import SourceNotFound, resolve_source
 
 
-class MLXDirOptions(BaseModel):
+class MLXDirOptions(ContextOptions):
     model_config = ConfigDict(extra="forbid")
 
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="KV cache dtype for budgeting.")
@@ -47,6 +48,7 @@ def load_mlx_dir(source: str, options: MLXDirOptions, context: LoadContext) -> A
         fingerprint=f"mlx:{dir_fingerprint(path)}",
         dtype=options.dtype,
         prefill_step=options.prefill_step,
+        context=options,
     )
 
 

@@ -9,6 +9,7 @@ import re
 from pydantic import Field
 
 from semantic import hookimpl
+from semantic.chat import unencodable
 from semantic.errors import ErrorKind, RequestError
 from semantic.items import Identified, Incoming
 from semantic.stage import NoSettings, Stage
@@ -53,13 +54,10 @@ class Identify(Stage):
             )
         if not self.context.accepts_model(item.model):
             raise RequestError(ErrorKind.NOT_FOUND, f"model {item.model!r} is not served here")
-        texts = [("model", item.model), *((f"message {i}", m.content) for i, m in enumerate(item.messages))]
-        texts += [(f"stop sequence {i}", s) for i, s in enumerate(item.params.stop)]
-        for where, text in texts:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # e.g. an unpaired surrogate from a "\ud800" JSON escape
-                raise RequestError(ErrorKind.INVALID_REQUEST, f"{where}: text is not valid Unicode (unpaired surrogate)") from None
+        extra = [("model", item.model), *((f"stop sequence {i}", s) for i, s in enumerate(item.params.stop))]
+        where = unencodable(item.messages, item.tools, extra)
+        if where is not None:
+            raise RequestError(ErrorKind.INVALID_REQUEST, f"{where}: text is not valid Unicode (unpaired surrogate)")
         if not any(m.role != "system" for m in item.messages):
             raise RequestError(ErrorKind.INVALID_REQUEST, "messages: at least one user message is required")
         if item.agent_hint is not None and not AGENT_ID.match(item.agent_hint):

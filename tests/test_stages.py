@@ -136,14 +136,18 @@ def test_tokenize_refuses_prompts_over_the_limit(scripted):
     assert err.message.startswith("prompt is too long: ") and err.message.endswith("tokens > 30 maximum")
 
 
-def test_tokenize_keeps_output_within_the_model_context(scripted):
+def test_tokenize_refuses_output_that_would_overflow_the_context(scripted):
     async def main():
         async with stage_context(model=scripted(context_length=64), worker=False) as ctx:
-            items = await _identified(ctx, incoming("hello", max_tokens=1000))
-            return await run_stage(Tokenize(None, ctx), items)
+            fits = 64 - len(ctx.model.tokenizer.encode_chat([ChatMessage("user", "hello")]))
+            items = await _identified(ctx, incoming("hello", max_tokens=1000), incoming("hello", max_tokens=fits))
+            return items, fits, await run_stage(Tokenize(None, ctx), items)
 
-    (item,) = run(main)
-    assert len(item.prompt_tokens) + item.params.max_tokens == 64
+    items, fits, out = run(main)
+    err = failure(items[0]).error  # never truncated silently: the form clients retry on
+    assert err.kind is ErrorKind.INVALID_REQUEST
+    assert err.message.startswith(f"input length and `max_tokens` exceed context limit: {64 - fits} + 1000 > 64")
+    assert len(out) == 1 and len(out[0].prompt_tokens) + out[0].params.max_tokens == 64
 
 
 # --- cache-lookup ---------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import uuid
@@ -13,12 +15,16 @@ from pydantic import ValidationError
 from quart import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+import trio
+
+from semantic.chat import unencodable
+from semantic.chat_format import OutputParser, Part, TextPart, ThinkingPart, ToolCallPart, new_call_id
 from semantic.errors import ErrorKind, RequestError
 from semantic.items import Incoming
 from semantic.model import SamplingParams
 from semantic.request import Event, Failed, Finished, RequestHandle, Started, TextDelta, Usage
 
-from .schema import MessagesRequest, to_chat
+from .schema import CountTokensRequest, MessagesRequest, callable_tools, to_chat, tools_of
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,7 @@ def usage_json(usage: Usage) -> dict[str, int]:
     }
 
 
-async def _read_request(max_bytes: int) -> tuple[MessagesRequest, int]:
+async def _read_request(max_bytes: int, model: type[CountTokensRequest] = MessagesRequest) -> tuple[Any, int]:
     try:
         raw = await request.get_data(cache=False, as_text=False)
     except RequestEntityTooLarge:
@@ -73,7 +79,7 @@ async def _read_request(max_bytes: int) -> tuple[MessagesRequest, int]:
     if not isinstance(body, dict):
         raise RequestError(ErrorKind.INVALID_REQUEST, "request body must be a JSON object")
     try:
-        return MessagesRequest.model_validate(body), len(raw)
+        return model.model_validate(body), len(raw)
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors(include_url=False)[:10]
@@ -85,12 +91,19 @@ def _agent_hint() -> str | None:
     return request.headers.get("x-agent-id") or request.headers.get("x-claude-code-session-id")
 
 
-class _Exchange:
-    """One /v1/messages call: the parsed request, its handle and the message id."""
+def signature(thinking: str) -> str:
+    """An opaque signature for a thinking block (clients echo it back; it is not checked)."""
+    return "semantic-" + hashlib.sha256(thinking.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
-    def __init__(self, req: MessagesRequest, handle: RequestHandle) -> None:
+
+class _Exchange:
+    """One /v1/messages call: the parsed request, its handle, the message id and the parser that
+    turns the model's text into text, thinking and tool_use blocks."""
+
+    def __init__(self, req: MessagesRequest, handle: RequestHandle, parser: OutputParser) -> None:
         self.req = req
         self.handle = handle
+        self.parser = parser
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
 
     def message(self, content: list[dict[str, Any]], stop_reason: str | None, stop_sequence: str | None, usage: Usage) -> dict[str, Any]:
@@ -105,9 +118,69 @@ class _Exchange:
             "usage": usage_json(usage),
         }
 
+    def stop_reason(self, finished: Finished) -> str:
+        if finished.stop_reason in ("end_turn", "cancelled") and self.parser.calls:
+            return "tool_use"
+        return "end_turn" if finished.stop_reason == "cancelled" else finished.stop_reason
 
-def _stop_reason(finished: Finished) -> str:
-    return "end_turn" if finished.stop_reason == "cancelled" else finished.stop_reason
+
+class _Blocks:
+    """Content blocks built from parsed parts, as SSE events (``events``) and as a list (``content``)."""
+
+    def __init__(self) -> None:
+        self.content: list[dict[str, Any]] = []
+        self._open: str | None = None  # type of the block still open: text or thinking
+
+    def add(self, part: Part) -> list[str]:
+        out: list[str] = []
+        kind = "text" if isinstance(part, TextPart) else "thinking" if isinstance(part, ThinkingPart) else "tool_use"
+        if self._open != kind or kind == "tool_use":
+            out += self.close()
+            out += self._start(part, kind)
+        if isinstance(part, TextPart):
+            self.content[-1]["text"] += part.text
+            out.append(self._delta({"type": "text_delta", "text": part.text}))
+        elif isinstance(part, ThinkingPart):
+            self.content[-1]["thinking"] += part.text
+            out.append(self._delta({"type": "thinking_delta", "thinking": part.text}))
+        return out
+
+    def _start(self, part: Part, kind: str) -> list[str]:
+        index = len(self.content)
+        if isinstance(part, ToolCallPart):
+            c = part.call
+            self.content.append({"type": "tool_use", "id": c.id, "name": c.name, "input": json.loads(c.arguments)})
+            start = {"type": "tool_use", "id": c.id, "name": c.name, "input": {}}
+            return [
+                sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": start}),
+                self._delta({"type": "input_json_delta", "partial_json": c.arguments}),
+                sse("content_block_stop", {"type": "content_block_stop", "index": index}),
+            ]
+        block = {"type": "text", "text": ""} if kind == "text" else {"type": "thinking", "thinking": "", "signature": ""}
+        self.content.append(dict(block))
+        self._open = kind
+        return [sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})]
+
+    def _delta(self, delta: dict[str, Any]) -> str:
+        return sse("content_block_delta", {"type": "content_block_delta", "index": len(self.content) - 1, "delta": delta})
+
+    def close(self) -> list[str]:
+        """Close the open text or thinking block (a thinking block gets its signature first)."""
+        if self._open is None:
+            return []
+        out = []
+        block = self.content[-1]
+        if self._open == "thinking":
+            block["signature"] = signature(block["thinking"])
+            out.append(self._delta({"type": "signature_delta", "signature": block["signature"]}))
+        self._open = None
+        return [*out, sse("content_block_stop", {"type": "content_block_stop", "index": len(self.content) - 1})]
+
+    def finish(self) -> list[str]:
+        """Close the last block; a reply with no content still gets one (empty) text block."""
+        if not self.content:
+            return [*self._start(TextPart(""), "text"), *self.close()]
+        return self.close()
 
 
 #: A stream starts (message_start, then pings) when the first event takes longer than this;
@@ -120,10 +193,10 @@ KEEPALIVE_S = 5.0
 
 async def _stream(ex: _Exchange, first: Event | None) -> AsyncIterator[str]:
     started = first.usage if isinstance(first, Started) else Usage()
+    blocks = _Blocks()
     try:
         yield sse("message_start", {"type": "message_start", "message": ex.message([], None, None, started)})
         yield sse("ping", {"type": "ping"})
-        block_open = False
         ev = first if not isinstance(first, Started) else None
         while True:
             if ev is None:
@@ -133,18 +206,20 @@ async def _stream(ex: _Exchange, first: Event | None) -> AsyncIterator[str]:
                         return
                     yield sse("ping", {"type": "ping"})
                     continue
-            if isinstance(ev, TextDelta | Finished) and not block_open:
-                block_open = True
-                yield sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
             if isinstance(ev, TextDelta):
-                delta = {"type": "text_delta", "text": ev.text}
-                yield sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+                for part in ex.parser.feed(ev.text):
+                    for line in blocks.add(part):
+                        yield line
             elif isinstance(ev, Failed):
                 yield sse("error", error_body(ev.error))
                 return
             elif isinstance(ev, Finished):
-                yield sse("content_block_stop", {"type": "content_block_stop", "index": 0})
-                delta = {"stop_reason": _stop_reason(ev), "stop_sequence": ev.stop_sequence}
+                for part in ex.parser.finish():
+                    for line in blocks.add(part):
+                        yield line
+                for line in blocks.finish():
+                    yield line
+                delta = {"stop_reason": ex.stop_reason(ev), "stop_sequence": ev.stop_sequence}
                 yield sse("message_delta", {"type": "message_delta", "delta": delta, "usage": usage_json(ev.usage)})
                 yield sse("message_stop", {"type": "message_stop"})
                 return
@@ -172,19 +247,47 @@ class _SSEBody:
 
 
 async def _complete(ex: _Exchange, events: AsyncIterator[Event]) -> Response:
-    text: list[str] = []
+    blocks = _Blocks()
     try:
         async for ev in events:
             if isinstance(ev, TextDelta):
-                text.append(ev.text)
+                for part in ex.parser.feed(ev.text):
+                    blocks.add(part)
             elif isinstance(ev, Failed):
                 return error_response(ev.error)
             elif isinstance(ev, Finished):
-                body = ex.message([{"type": "text", "text": "".join(text)}], _stop_reason(ev), ev.stop_sequence, ev.usage)
+                for part in ex.parser.finish():
+                    blocks.add(part)
+                blocks.finish()
+                body = ex.message(blocks.content, ex.stop_reason(ev), ev.stop_sequence, ev.usage)
                 return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
     finally:
         ex.handle.cancel()
     return error_response(RequestError(ErrorKind.INTERNAL, "the response ended early"))
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (request, then pipeline default, then the API's)."""
+    return next((v for v in values if v is not None), None)
+
+
+def _api_key() -> str | None:
+    key = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if key is None and auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    return key
+
+
+def check_api_key(keys: list[str]) -> None:
+    """Refuse with 401 unless ``keys`` is empty or the request carries one of them."""
+    if not keys:
+        return
+    given = _api_key()
+    if given is None:
+        raise RequestError(ErrorKind.AUTHENTICATION, "missing API key: send x-api-key or Authorization: Bearer")
+    if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
+        raise RequestError(ErrorKind.AUTHENTICATION, "invalid API key")
 
 
 def blueprint(pipeline: Any) -> Blueprint:
@@ -192,17 +295,27 @@ def blueprint(pipeline: Any) -> Blueprint:
     bp = Blueprint("anthropic", __name__)
     limits = pipeline.config.limits
 
+    @bp.before_request
+    async def authenticate() -> Response | None:
+        try:
+            check_api_key(pipeline.config.server.api_keys)
+        except RequestError as e:
+            return error_response(e)
+        return None
+
     @bp.post("/v1/messages")
     async def messages() -> Response:
         try:
             req, size = await _read_request(limits.max_request_bytes)
+            defaults = pipeline.config.model.sampling
             params = SamplingParams(
                 max_tokens=req.max_tokens,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=req.top_p,
-                top_k=req.top_k,
+                temperature=_first(req.temperature, defaults.temperature, 1.0),
+                top_p=_first(req.top_p, defaults.top_p),
+                top_k=_first(req.top_k, defaults.top_k),
                 stop=tuple(req.stop_sequences or ()),
             )
+            tools = tools_of(req)
             handle = pipeline.new_request()
             item = Incoming(
                 request=handle,
@@ -210,13 +323,15 @@ def blueprint(pipeline: Any) -> Blueprint:
                 model=req.model,
                 messages=to_chat(req),
                 params=params,
+                tools=tools,
                 agent_hint=_agent_hint(),
                 request_bytes=size,
             )
             await pipeline.submit(item)
         except RequestError as e:
             return error_response(e)
-        ex = _Exchange(req, handle)
+        parser = pipeline.model.chat_format.parser(callable_tools(req, tools), new_id=lambda: new_call_id("toolu_"))
+        ex = _Exchange(req, handle, parser)
         events = handle.events()
         try:
             if not req.stream:
@@ -233,6 +348,25 @@ def blueprint(pipeline: Any) -> Blueprint:
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
         return Response(_SSEBody(ex, first), mimetype="text/event-stream", headers=headers)
 
+    @bp.post("/v1/messages/count_tokens")
+    async def count_tokens() -> Response:
+        """The prompt's real token count: the model's tokenizer and chat template, tools included."""
+        try:
+            req, _size = await _read_request(limits.max_request_bytes, CountTokensRequest)
+            if not pipeline.config.model.accepts(req.model):
+                raise RequestError(ErrorKind.NOT_FOUND, f"model {req.model!r} is not served here")
+            model = pipeline.model
+            if model is None:
+                raise RequestError(ErrorKind.UNAVAILABLE, "the model is not loaded yet")
+            messages = to_chat(req)
+            where = unencodable(messages, tools_of(req))
+            if where is not None:
+                raise RequestError(ErrorKind.INVALID_REQUEST, f"{where}: text is not valid Unicode (unpaired surrogate)")
+            tokens = await trio.to_thread.run_sync(model.tokenizer.encode_chat, messages, tools_of(req))
+        except RequestError as e:
+            return error_response(e)
+        return Response(json.dumps({"input_tokens": len(tokens)}), mimetype="application/json")
+
     @bp.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:
         if isinstance(error, HTTPException):
@@ -241,10 +375,26 @@ def blueprint(pipeline: Any) -> Blueprint:
         log.exception("unexpected error in the anthropic protocol")
         return error_response(RequestError(ErrorKind.INTERNAL, f"internal error ({type(error).__name__})"))
 
+    def model_entry(name: str) -> dict[str, Any]:
+        return {
+            "type": "model",
+            "id": name,
+            "display_name": name,
+            "created_at": "2024-01-01T00:00:00Z",
+            "max_input_tokens": pipeline.context.window() if pipeline.model is not None else None,
+            "max_tokens": limits.max_output_tokens,
+        }
+
     @bp.get("/v1/models")
     async def models() -> Response:
         name = pipeline.config.model.name
-        data = [{"type": "model", "id": name, "display_name": name, "created_at": "2024-01-01T00:00:00Z"}]
-        return Response(json.dumps({"data": data, "has_more": False, "first_id": name, "last_id": name}), mimetype="application/json")
+        body = {"data": [model_entry(name)], "has_more": False, "first_id": name, "last_id": name}
+        return Response(json.dumps(body), mimetype="application/json")
+
+    @bp.get("/v1/models/<path:model_id>")
+    async def model(model_id: str) -> Response:
+        if not pipeline.config.model.accepts(model_id):
+            return error_response(RequestError(ErrorKind.NOT_FOUND, f"model {model_id!r} is not served here"))
+        return Response(json.dumps(model_entry(model_id)), mimetype="application/json")
 
     return bp

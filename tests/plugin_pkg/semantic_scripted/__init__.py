@@ -2,8 +2,10 @@
 
 It adds:
 
-* model loader ``scripted``: a deterministic model with a byte-level tokenizer whose reply is a
-  fixed text or an echo of the last user message; no MLX, so protocol tests run fast;
+* model loader ``scripted``: a deterministic model with a byte-level tokenizer whose reply is
+  chosen by script rules on the last turn, a fixed text, or an echo of the last user message
+  (tool calls and reasoning are just text in the family's format); no MLX, so protocol tests
+  and Claude Code sessions run fast;
 * stage ``system-prompt``: puts a system message in front of requests that have none;
 * eviction policy ``fifo``: the oldest cache entry goes first.
 """
@@ -21,7 +23,8 @@ from semantic import hookimpl
 from semantic.detokenize import IncrementalDecoder
 from semantic.eviction import EntryStats, PolicySpec
 from semantic.items import Incoming
-from semantic.model import ChatMessage, Generation, KVState, LoaderSpec, Model, ModelInfo, SamplingParams
+from semantic.chat_format import HERMES, HERMES_THINK
+from semantic.model import ChatMessage, Generation, KVState, LoaderSpec, Model, ModelInfo, SamplingParams, ToolSpec
 from semantic.stage import SAME, NoSettings, Stage
 
 EOS, START, END = 0, 1, 2
@@ -44,7 +47,9 @@ class ScriptedTokenizer:
     def decode(self, tokens: Sequence[int]) -> str:
         return bytes(t - OFFSET for t in tokens if t >= OFFSET).decode("utf-8", errors="replace")
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
+        if tools or any(m.tool_calls or m.role == "tool" for m in messages):
+            messages = HERMES.render(messages, tools)  # no native tool template: the generic format
         out: list[int] = []
         for m in messages:
             out += [START, *self.encode(f"{m.role}\n{m.content}"), END]
@@ -54,10 +59,23 @@ class ScriptedTokenizer:
         return IncrementalDecoder(self.decode)
 
 
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    when: str = Field(description="Substring of the last turn (everything after the last assistant turn).")
+    reply: str
+
+
 class ScriptedOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reply: str | None = Field(None, description="Fixed reply; default: echo the last user message.")
+    script: list[Rule] = Field(
+        default_factory=list,
+        description="Replies chosen by the prompt: the first rule whose 'when' occurs in the last turn's text "
+        "wins; '{last}' in a reply is replaced by that text. Before 'reply'.",
+    )
+    thinks: bool = Field(False, description="Use the <think> reasoning format (for thinking-block tests).")
     fail_on: str | None = Field(None, description="Raise inside generation when the prompt contains this.")
     fail_during: str | None = Field(None, description="Raise after the first token when the prompt contains this.")
     token_delay_s: float = Field(0.0, ge=0, description="Sleep per generated token (worker thread).")
@@ -98,10 +116,26 @@ class _Gen(Generation):
         return KVState(tokens, tokens, len(tokens) * self.model.info.kv_bytes_per_token)
 
 
+def _last_turn(prompt: list[int], tokenizer: ScriptedTokenizer) -> str:
+    """The user messages after the last assistant message (the new turn or tool results)."""
+    messages, current = [], None
+    for t in prompt:
+        if t == START:
+            current = []
+        elif t == END and current is not None:
+            messages.append(tokenizer.decode(current))
+            current = None
+        elif current is not None:
+            current.append(t)
+    last = max((i for i, m in enumerate(messages) if m.startswith("assistant\n")), default=-1)
+    return "\n".join(m.split("\n", 1)[-1] for m in messages[last + 1 :] if not m.startswith("system\n"))
+
+
 class ScriptedModel(Model):
     def __init__(self, name: str, options: ScriptedOptions) -> None:
         self.options = options
         self.tokenizer = ScriptedTokenizer()
+        self.chat_format = HERMES_THINK if options.thinks else HERMES
         self.info = ModelInfo(
             name, f"scripted:{options.reply!r}", options.context_length, 100, "scripted", cache_layout="scripted", pageable=True
         )
@@ -121,7 +155,10 @@ class ScriptedModel(Model):
         if self.options.fail_on and self.options.fail_on in text:
             raise RuntimeError("scripted failure")
         self.calls.append((len(prompt), prefix_len if prefix is not None else 0))
-        reply = self.options.reply
+        last = _last_turn(prompt, self.tokenizer)
+        reply = next((r.reply.replace("{last}", last.strip()) for r in self.options.script if r.when in last), None)
+        if reply is None:
+            reply = self.options.reply
         if reply is None:
             last_user = text.rsplit("user\n", 1)[-1].split("assistant\n")[0]
             reply = f"You said: {last_user}"
