@@ -41,7 +41,11 @@ class HFChatTokenizer:
             kwargs["tools"] = template_tools(tools) or None
         elif uses_tools:
             messages = self.chat_format.render(messages, tools)
-        rendered = self._tok.apply_chat_template(template_messages(messages), add_generation_prompt=True, tokenize=False, **kwargs)
+        if messages and messages[-1].role == "assistant":  # a prefilled reply: continue it, not a new turn
+            kwargs["continue_final_message"] = True
+        else:
+            kwargs["add_generation_prompt"] = True
+        rendered = self._tok.apply_chat_template(template_messages(messages), tokenize=False, **kwargs)
         return list(self._tok.encode(rendered, add_special_tokens=False))
 
     def encode(self, text: str) -> list[int]:

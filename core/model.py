@@ -80,8 +80,9 @@ class ChatTokenizer(Protocol):
     eos_token_ids: frozenset[int]
 
     def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
-        """Render ``messages`` (and the ``tools`` the model may call) with the chat template,
-        generation prompt added, into token ids."""
+        """Render ``messages`` (and the ``tools`` the model may call) with the chat template into
+        token ids: with the generation prompt added, or, when the last message is the
+        assistant's, continuing that message (a prefilled reply)."""
 
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text, no special tokens added."""

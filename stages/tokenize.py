@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import replace
 
 import trio
@@ -9,7 +11,23 @@ import trio
 from semantic import hookimpl
 from semantic.errors import ErrorKind, RequestError
 from semantic.items import Identified, Tokenized
+from semantic.model import ChatMessage, Model, ToolSpec
 from semantic.stage import Stage
+
+log = logging.getLogger(__name__)
+
+
+async def render(model: Model, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> list[int]:
+    """The prompt's token ids. A conversation the model's chat template refuses (roles that must
+    alternate, a shape it does not know) is that request's 400, never a stage failure."""
+    try:
+        return await trio.to_thread.run_sync(model.tokenizer.encode_chat, messages, tools)
+    except RequestError:
+        raise
+    except Exception as e:  # the template is the model's code: fail this request closed
+        log.info("chat template refused a request: %s", type(e).__name__)
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise RequestError(ErrorKind.INVALID_REQUEST, f"the model's chat template cannot render this conversation: {reason}") from None
 
 
 class Tokenize(Stage):
@@ -24,7 +42,7 @@ class Tokenize(Stage):
     async def process(self, item: Identified) -> Tokenized:
         model = self.context.model
         assert model is not None, "tokenize needs a loaded model"
-        tokens = await trio.to_thread.run_sync(model.tokenizer.encode_chat, item.messages, item.tools)
+        tokens = await render(model, item.messages, item.tools)
         limits = self.context.limits
         window = self.context.window()
         cap = min(limits.max_prompt_tokens, window - 1)

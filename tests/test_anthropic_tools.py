@@ -220,7 +220,8 @@ def test_api_keys_are_checked_when_configured(start_server, tmp_path):
     body = {"model": MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}
     for headers in ({}, {"x-api-key": "wrong-key"}, {"authorization": "Bearer nope"}):
         r = httpx.post(f"{server.url}/v1/messages", json=body, headers=headers, timeout=30)
-        assert r.status_code == 401 and r.json() == {"type": "error", "error": {"type": "authentication_error", "message": r.json()["error"]["message"]}}
+        assert r.status_code == 401 and r.json()["type"] == "error" and r.json()["error"]["type"] == "authentication_error"
+        assert set(r.json()) == {"type", "error", "request_id"}
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=server.url, api_key="wrong-key", max_retries=0).messages.create(**body)
     ok = anthropic.Anthropic(base_url=server.url, api_key="sk-local-123456", max_retries=0).messages.create(**body)
@@ -279,3 +280,54 @@ def test_sse_transcripts_match_the_goldens_event_by_event(start_server, tmp_path
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g == w, f"event {i} differs"
+
+
+def test_a_conversation_the_template_refuses_is_a_400_and_the_server_keeps_serving(client, server):
+    r = httpx.post(f"{server.url}/v1/messages", json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "refuse-to-render"}]}, timeout=30)
+    assert r.status_code == 400 and "chat template cannot render" in r.json()["error"]["message"]
+    assert r.json()["request_id"] == r.headers["request-id"] and r.headers["request-id"].startswith("req_")
+    r = httpx.post(f"{server.url}/v1/messages/count_tokens", json={"model": MODEL, "messages": [{"role": "user", "content": "refuse-to-render"}]}, timeout=30)
+    assert r.status_code == 400
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ready"
+    assert client.messages.create(model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "fine"}]).content[0].text == "You said: fine"
+
+
+def test_request_details_the_api_defines(client, server):
+    url = f"{server.url}/v1/messages"
+    base = {"model": MODEL, "max_tokens": 50, "messages": [{"role": "user", "content": "x"}]}
+    for extra, needle in [({"tool_choice": {"type": "tool"}}, "needs the tool's 'name'"), ({"output_config": {"format": {"type": "json_schema"}}}, "structured output")]:
+        r = httpx.post(url, json={**base, **extra}, timeout=30)
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    # roles newer clients add are read as user turns
+    r = httpx.post(url, json={**base, "messages": [{"role": "ctx", "content": "hello there"}]}, timeout=30)
+    assert r.status_code == 200 and r.json()["content"][0]["text"] == "You said: hello there"
+    # a tool search result in a tool_result is text
+    messages = [
+        {"role": "user", "content": "find a tool"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "tool_reference", "tool_name": "get_weather"}]}]},
+    ]
+    done = client.messages.create(model=MODEL, max_tokens=200, tools=[WEATHER], messages=messages)
+    assert done.content[0].text == "The tool said: <tool_response>\nTool: get_weather\n</tool_response>"
+
+
+def test_a_prefilled_reply_is_continued_not_restarted(server):
+    from semantic_scripted import ScriptedTokenizer
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, the answer"}]
+    r = httpx.post(f"{server.url}/v1/messages/count_tokens", json={"model": MODEL, "system": "S.", "messages": messages}, timeout=30)
+    prompt = ScriptedTokenizer().encode_chat([ChatMessage("system", "S."), ChatMessage("user", "hi"), ChatMessage("assistant", "Sure, the answer")])
+    assert r.json()["input_tokens"] == len(prompt)
+    assert ScriptedTokenizer().decode(prompt).endswith("assistant\nSure, the answer")
+    r = httpx.post(f"{server.url}/v1/messages", json={"model": MODEL, "max_tokens": 50, "messages": messages}, timeout=30)
+    assert r.status_code == 200 and not r.json()["content"][0]["text"].startswith("Sure, the answer")
+
+
+def test_a_slowly_written_tool_call_keeps_the_stream_alive_with_pings(start_server, tmp_path):
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'  # ~70 tokens, held until closed
+    server = start_server(pipeline_yaml(tmp_path, options={"reply": call, "script": [], "token_delay_s": 0.1}))
+    body = {"model": MODEL, "max_tokens": 200, "stream": True, "tools": [WEATHER], "messages": [{"role": "user", "content": "x"}]}
+    events = events_of(httpx.post(f"{server.url}/v1/messages", json=body, timeout=60).text)
+    names = [e for e, _ in events]
+    assert names.count("ping") >= 2 and names.index("ping", 2) < names.index("content_block_start")
+    assert [d["content_block"]["type"] for e, d in events if e == "content_block_start"] == ["tool_use"]

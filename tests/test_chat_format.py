@@ -119,5 +119,7 @@ def test_the_embedded_models_template_gets_the_generic_format(smollm):
     assert not tok.native_tools and smollm.chat_format is HERMES
     text = tok.decode(tok.encode_chat([ChatMessage("user", "list files")], TOOLS))
     assert "<tools>" in text and '"name": "Bash"' in text and text.rstrip().endswith("assistant")
+    prefilled = tok.decode(tok.encode_chat([ChatMessage("user", "What is 2+2?"), ChatMessage("assistant", "The answer is")]))
+    assert prefilled.endswith("<|im_start|>assistant\nThe answer is")  # continued, not closed and restarted
     assert detect_format("... <think> ...") is HERMES_THINK and detect_format("") is HERMES
     assert isinstance(parse(HERMES, ["x"])[0], TextPart) and ThinkingPart("a").text == "a"

@@ -8,6 +8,7 @@ The recordings in fixtures/claude_code/ were made from the installed CLI by
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -181,3 +182,30 @@ def test_the_content_based_agent_id_is_stable_across_turns_and_billing_lines():
     for hash_messages in (0, 1):
         ids = {content_agent_id(SimpleNamespace(model=b["model"], messages=to_chat(MessagesRequest.model_validate(b))), hash_messages) for b in [*bodies, other]}
         assert len(ids) == 1
+
+
+def test_the_installed_cli_still_sends_what_was_recorded(claude, tmp_path):
+    """Record one turn live: our request model takes it, and its system prompt and tools are
+    the ones the committed recording (replayed above) has — so the fixtures are current."""
+    from claude_code import Recorder, run_claude
+
+    from semantic.plugins.anthropic.schema import MessagesRequest, to_chat, tools_of
+
+    project = tmp_path / "project"
+    project.mkdir()
+    with Recorder(default_text="Hello!") as rec:
+        out = run_claude(claude, rec.url, ["-p", "say hello", "--model", "claude-test-1"], home=tmp_path / "home", cwd=project)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (live,) = rec.messages()
+    recording = json.loads((RECORDED / "session_tools.json").read_text())
+    recorded = next(r for r in recording["requests"] if r["path"] == live.path)
+    req = MessagesRequest.model_validate(live.body)
+    assert to_chat(req)[0].role == "system" and len(tools_of(req)) == len(recorded["body"]["tools"])
+    assert [t["name"] for t in live.body["tools"]] == [t["name"] for t in recorded["body"]["tools"]]
+    def texts(body: dict, home: str, cwd: str) -> list[str]:  # the prompt names the memory folder of HOME and cwd
+        slug = re.sub(r"[^A-Za-z0-9]", "-", cwd)
+        return [b["text"].replace(home, "HOME").replace(slug, "CWD").replace(cwd, "CWD") for b in body["system"][1:]]
+
+    cwd = recording["cwd"]
+    assert texts(live.body, str(tmp_path / "home"), str(project)) == texts(recorded["body"], str(Path(cwd).parent / "home"), cwd)
+    assert {k for k in live.body if k != "messages"} == {k for k in recorded["body"] if k != "messages"}

@@ -12,10 +12,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import ValidationError
+import trio
 from quart import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
-
-import trio
 
 from semantic.chat import unencodable
 from semantic.chat_format import OutputParser, Part, TextPart, ThinkingPart, ToolCallPart, new_call_id
@@ -23,6 +22,7 @@ from semantic.errors import ErrorKind, RequestError
 from semantic.items import Incoming
 from semantic.model import SamplingParams
 from semantic.request import Event, Failed, Finished, RequestHandle, Started, TextDelta, Usage
+from semantic.stages.tokenize import render
 
 from .schema import CountTokensRequest, MessagesRequest, callable_tools, to_chat, tools_of
 
@@ -40,14 +40,20 @@ _STATUS: dict[ErrorKind, tuple[int, str]] = {
 }
 
 
-def error_body(error: RequestError) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": _STATUS[error.kind][1], "message": error.message}}
+def error_body(error: RequestError, request_id: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"type": "error", "error": {"type": _STATUS[error.kind][1], "message": error.message}}
+    if request_id:
+        body["request_id"] = request_id
+    return body
 
 
 def error_response(error: RequestError) -> Response:
     status = _STATUS[error.kind][0]
-    headers = {"retry-after": str(max(1, round(error.retry_after)))} if error.retry_after is not None else {}
-    return Response(json.dumps(error_body(error)), status=status, mimetype="application/json", headers=headers)
+    rid = f"req_{uuid.uuid4().hex[:24]}"
+    headers = {"request-id": rid}
+    if error.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(error.retry_after)))
+    return Response(json.dumps(error_body(error, rid)), status=status, mimetype="application/json", headers=headers)
 
 
 def sse(event: str, data: dict[str, Any]) -> str:
@@ -177,9 +183,8 @@ class _Blocks:
         return [*out, sse("content_block_stop", {"type": "content_block_stop", "index": len(self.content) - 1})]
 
     def finish(self) -> list[str]:
-        """Close the last block; a reply with no content still gets one (empty) text block."""
-        if not self.content:
-            return [*self._start(TextPart(""), "text"), *self.close()]
+        """Close the last block (an empty reply has no blocks: the API refuses empty text blocks
+        when a client sends them back)."""
         return self.close()
 
 
@@ -197,19 +202,26 @@ async def _stream(ex: _Exchange, first: Event | None) -> AsyncIterator[str]:
     try:
         yield sse("message_start", {"type": "message_start", "message": ex.message([], None, None, started)})
         yield sse("ping", {"type": "ping"})
+        wrote = trio.current_time()
         ev = first if not isinstance(first, Started) else None
         while True:
             if ev is None:
                 ev = await ex.handle.next_event(KEEPALIVE_S)
                 if ev is None:
-                    if ex.handle.done:
+                    if ex.handle.done:  # ended without Finished or Failed: say so, the client retries
+                        yield sse("error", error_body(RequestError(ErrorKind.INTERNAL, "the response ended early")))
                         return
                     yield sse("ping", {"type": "ping"})
+                    wrote = trio.current_time()
                     continue
             if isinstance(ev, TextDelta):
-                for part in ex.parser.feed(ev.text):
-                    for line in blocks.add(part):
-                        yield line
+                lines = [line for part in ex.parser.feed(ev.text) for line in blocks.add(part)]
+                if lines:
+                    wrote = trio.current_time()
+                elif trio.current_time() - wrote >= KEEPALIVE_S:  # text held back (a tool call being written)
+                    lines, wrote = [sse("ping", {"type": "ping"})], trio.current_time()
+                for line in lines:
+                    yield line
             elif isinstance(ev, Failed):
                 yield sse("error", error_body(ev.error))
                 return
@@ -224,6 +236,9 @@ async def _stream(ex: _Exchange, first: Event | None) -> AsyncIterator[str]:
                 yield sse("message_stop", {"type": "message_stop"})
                 return
             ev = None
+    except Exception:  # a bug here must still end the stream in the protocol's terms
+        log.exception("streaming a response failed")
+        yield sse("error", error_body(RequestError(ErrorKind.INTERNAL, "internal error while streaming")))
     finally:
         ex.handle.cancel()  # no-op when finished; stops generation when the client went away
 
@@ -362,7 +377,7 @@ def blueprint(pipeline: Any) -> Blueprint:
             where = unencodable(messages, tools_of(req))
             if where is not None:
                 raise RequestError(ErrorKind.INVALID_REQUEST, f"{where}: text is not valid Unicode (unpaired surrogate)")
-            tokens = await trio.to_thread.run_sync(model.tokenizer.encode_chat, messages, tools_of(req))
+            tokens = await render(model, messages, tools_of(req))
         except RequestError as e:
             return error_response(e)
         return Response(json.dumps({"input_tokens": len(tokens)}), mimetype="application/json")

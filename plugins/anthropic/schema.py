@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from semantic.errors import ErrorKind, RequestError
 from semantic.model import ChatMessage, ToolCall, ToolSpec
@@ -79,8 +79,14 @@ ContentBlock = Annotated[
 
 
 class Message(_Open):
-    role: Literal["user", "assistant", "system"]
+    role: str = Field(min_length=1, max_length=64)
     content: str | list[ContentBlock]
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        """user, assistant, system; any other role (newer clients add some) is read as user."""
+        return role if role in ("user", "assistant", "system") else "user"
 
 
 class Tool(_Open):
@@ -98,6 +104,22 @@ class ToolChoice(_Open):
     name: str | None = None
     disable_parallel_tool_use: bool | None = None
 
+    @model_validator(mode="after")
+    def _name_for_tool(self) -> ToolChoice:
+        if self.type == "tool" and not self.name:
+            raise ValueError("tool_choice of type 'tool' needs the tool's 'name'")
+        return self
+
+
+class OutputConfig(_Open):
+    """``effort`` and other hints are accepted; structured output (``format``) is not supported."""
+
+    @model_validator(mode="after")
+    def _no_format(self) -> OutputConfig:
+        if (self.model_extra or {}).get("format") is not None:
+            raise ValueError("output_config.format (structured output) is not supported by this server")
+        return self
+
 
 class Thinking(_Open):
     type: Literal["enabled", "disabled", "adaptive"]
@@ -111,6 +133,7 @@ class CountTokensRequest(_Open):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
+    output_config: OutputConfig | None = None
 
 
 class MessagesRequest(CountTokensRequest):
@@ -142,9 +165,12 @@ def _result_text(block: ToolResultBlock, where: str) -> str:
     else:
         parts = []
         for k, b in enumerate(block.content):
-            if not isinstance(b, TextBlock):
+            if isinstance(b, TextBlock):
+                parts.append(b.text)
+            elif b.type == "tool_reference":  # a tool search result: the tool's name
+                parts.append(f"Tool: {(b.model_extra or {}).get('tool_name', '')}")
+            else:
                 raise _unsupported(f"{where}.content[{k}]", b.type)
-            parts.append(b.text)
         text = "\n".join(parts)
     return f"Error: {text}" if block.is_error else text
 

@@ -48,11 +48,15 @@ class ScriptedTokenizer:
         return bytes(t - OFFSET for t in tokens if t >= OFFSET).decode("utf-8", errors="replace")
 
     def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
+        if any("refuse-to-render" in m.content for m in messages):  # like a template's raise_exception
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant")
         if tools or any(m.tool_calls or m.role == "tool" for m in messages):
             messages = HERMES.render(messages, tools)  # no native tool template: the generic format
         out: list[int] = []
         for m in messages:
             out += [START, *self.encode(f"{m.role}\n{m.content}"), END]
+        if messages and messages[-1].role == "assistant":  # continue a prefilled reply
+            return out[:-1]
         return out + [START, *self.encode("assistant\n")]
 
     def stream_decoder(self) -> IncrementalDecoder:
