@@ -26,6 +26,7 @@ class Incoming:
     messages: tuple[ChatMessage, ...]
     params: SamplingParams
     tools: tuple[ToolSpec, ...] = ()
+    raw_prompt: str | None = None  # a plain-text prompt (no chat template); ``messages`` then hold it as one user message
     agent_hint: str | None = None
     request_bytes: int = 0
 

@@ -29,6 +29,7 @@ class SamplingParams:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    fit_context: bool = False  # max_tokens was not given: as many as fit the context (never an error)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "semantic.plugins.mlx_dir",
     "semantic.plugins.eviction",
     "semantic.plugins.anthropic",
+    "semantic.plugins.openai",
 )
 
 

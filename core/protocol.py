@@ -1,4 +1,5 @@
-"""What a protocol plugin registers."""
+"""What a protocol plugin registers: its blueprint, and a description of its routes (from which
+the server builds ``/openapi.json``)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,29 @@ from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
+class RouteDoc:
+    """One HTTP route: the pydantic models its handler reads and writes.
+
+    ``request`` validates the JSON body (None: no body); ``response`` is the JSON reply;
+    ``error`` the protocol's error body; ``streams``: with ``stream: true`` the reply is
+    ``text/event-stream``.
+    """
+
+    method: str
+    path: str
+    summary: str
+    request: Any = None
+    response: Any = None
+    error: Any = None
+    streams: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ProtocolSpec:
-    """``blueprint(pipeline)`` builds the protocol's Quart blueprint for a running pipeline."""
+    """``blueprint(pipeline)`` builds the protocol's Quart blueprint for a running pipeline;
+    ``routes`` describes its endpoints for the OpenAPI document."""
 
     name: str
     blueprint: Callable[[Any], Any]
     description: str = ""
+    routes: tuple[RouteDoc, ...] = ()

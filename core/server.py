@@ -11,17 +11,23 @@ import logging
 import signal
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from pydantic import BaseModel, Field
 from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .config import PipelineConfig
+from .errors import RequestError
+from .openapi import openapi
 from .pipeline import Pipeline
 from .plugin_manager import Registry
+from .protocol import RouteDoc
+from .protocol_http import check_api_key
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +37,8 @@ def _json(body: dict, status: int = 200) -> Response:
 
 
 def create_app(pipeline: Pipeline) -> QuartTrio:
-    """The Quart app: every protocol the pipeline lists, plus ``/`` and ``/health``."""
+    """The Quart app: every protocol the pipeline lists, plus ``/``, ``/health`` and the model list
+    (``/v1/models``, in a shape both the OpenAI and the Anthropic SDK read)."""
     app = QuartTrio("semantic")
     app.config["MAX_CONTENT_LENGTH"] = pipeline.config.limits.max_request_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # generations may stream for a long time
@@ -45,18 +52,116 @@ def create_app(pipeline: Pipeline) -> QuartTrio:
 
     @app.get("/health")
     async def health() -> Response:
-        body = {"status": pipeline.state.value, "pipeline": pipeline.config.name, "counters": pipeline.context.metrics.counters}
-        if pipeline.failure:
-            body["error"] = pipeline.failure
-        return _json(body, 200 if pipeline.ready else 503)
+        body = Health(status=pipeline.state.value, pipeline=pipeline.config.name, counters=pipeline.context.metrics.counters, error=pipeline.failure)
+        return _json(body.model_dump(exclude_none=True), 200 if pipeline.ready else 503)
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         kind = {404: "not_found_error", 413: "request_too_large"}.get(error.code or 500, "invalid_request_error")
-        body = {"type": "error", "error": {"type": kind, "message": error.description or error.name}}
-        return _json(body, error.code or 500)
+        return _json(_error(kind, error.description or error.name), error.code or 500)
+
+    def model_entry(name: str) -> ModelEntry:
+        window = pipeline.context.window() if pipeline.model is not None else None
+        return ModelEntry(id=name, display_name=name, max_input_tokens=window, max_tokens=pipeline.config.limits.max_output_tokens)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        if (denied := _denied(pipeline)) is not None:
+            return denied
+        name = pipeline.config.model.name
+        return _json(ModelList(data=[model_entry(name)], first_id=name, last_id=name).model_dump())
+
+    @app.get("/v1/models/<path:model_id>")
+    async def model(model_id: str) -> Response:
+        if (denied := _denied(pipeline)) is not None:
+            return denied
+        if not pipeline.config.model.accepts(model_id):
+            return _json(_error("not_found_error", f"model {model_id!r} is not served here", "model_not_found"), 404)
+        return _json(model_entry(model_id).model_dump())
+
+    document = openapi(
+        "semantic",
+        _version(),
+        [*(("service", r) for r in SERVICE_ROUTES), *((name, r) for name in pipeline.config.protocols for r in pipeline.registry.protocols[name].routes)],
+    )
+
+    @app.get("/openapi.json")
+    async def openapi_json() -> Response:
+        return _json(document)
 
     return app
+
+
+class ModelEntry(BaseModel):
+    """One model, in a shape both the OpenAI and the Anthropic SDK read."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 1704067200
+    owned_by: str = "semantic"
+    type: Literal["model"] = "model"
+    display_name: str
+    created_at: str = "2024-01-01T00:00:00Z"
+    max_input_tokens: int | None = Field(description="The context window clients get.")
+    max_tokens: int = Field(description="The cap on generated tokens.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelEntry]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class SharedErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+class SharedError(BaseModel):
+    """An error body both SDKs read: Anthropic's ``type``/``error.type``, OpenAI's
+    ``error.message``/``param``/``code`` (for the routes the protocols share)."""
+
+    type: Literal["error"] = "error"
+    error: SharedErrorDetail
+
+
+class Health(BaseModel):
+    status: str = Field(description="starting, ready, failed or stopping")
+    pipeline: str
+    counters: dict[str, int | float]
+    error: str | None = None
+
+
+SERVICE_ROUTES = (
+    RouteDoc("GET", "/health", "Whether the pipeline is ready (503 when not)", response=Health),
+    RouteDoc("GET", "/v1/models", "The served model (OpenAI and Anthropic list shape)", response=ModelList, error=SharedError),
+    RouteDoc("GET", "/v1/models/{model_id}", "One model name the pipeline answers to", response=ModelEntry, error=SharedError),
+)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("semantic")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _error(kind: str, message: str, code: str | None = None) -> dict:
+    return SharedError(error=SharedErrorDetail(type=kind, message=message, code=code)).model_dump()
+
+
+def _denied(pipeline: Pipeline) -> Response | None:
+    try:
+        check_api_key(pipeline.config.server.api_keys)
+    except RequestError as e:
+        return _json(_error("authentication_error", e.message, "invalid_api_key"), 401)
+    return None
 
 
 async def _until_signal() -> None:

@@ -42,13 +42,18 @@ class Tokenize(Stage):
     async def process(self, item: Identified) -> Tokenized:
         model = self.context.model
         assert model is not None, "tokenize needs a loaded model"
-        tokens = await render(model, item.messages, item.tools)
+        if item.raw_prompt is not None:
+            tokens = await trio.to_thread.run_sync(model.tokenizer.encode, item.raw_prompt)
+        else:
+            tokens = await render(model, item.messages, item.tools)
         limits = self.context.limits
         window = self.context.window()
         cap = min(limits.max_prompt_tokens, window - 1)
         if len(tokens) > cap:
             raise RequestError(ErrorKind.INVALID_REQUEST, f"prompt is too long: {len(tokens)} tokens > {cap} maximum")
         max_tokens = min(item.params.max_tokens, limits.max_output_tokens)
+        if item.params.fit_context:
+            max_tokens = min(max_tokens, window - len(tokens))
         if len(tokens) + max_tokens > window:
             # the form clients (Claude Code) parse to retry at once with a smaller max_tokens
             raise RequestError(

@@ -50,3 +50,14 @@ def text_of(events) -> str:
 def scripted_pipeline(registry, scripted, **options) -> Pipeline:
     text = SCRIPTED.read_text().replace("  - type: system-prompt\n    settings:\n      text: You are a test.\n", "")
     return Pipeline(parse_pipeline(text, "scripted.yaml", registry), registry, model=scripted(**options))
+
+
+def events_of(body: str) -> list[tuple[str, dict]]:
+    """An Anthropic SSE body as (event, data) pairs."""
+    import json
+
+    out = []
+    for chunk in body.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in chunk.splitlines())
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out

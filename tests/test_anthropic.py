@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import anthropic
 import httpx
 import pytest
+from pipeline_helpers import events_of
 
 MODEL = "claude-test-1"
 PIPELINES = Path(__file__).parent / "pipelines"
@@ -18,14 +19,6 @@ PIPELINES = Path(__file__).parent / "pipelines"
 @pytest.fixture(scope="module")
 def client(scripted_server):
     return anthropic.Anthropic(base_url=scripted_server.url, api_key="local", max_retries=0)
-
-
-def events_of(body: str) -> list[tuple[str, dict]]:
-    out = []
-    for chunk in body.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in chunk.splitlines())
-        out.append((lines["event"], json.loads(lines["data"])))
-    return out
 
 
 def test_non_streaming_message(client):

@@ -9,6 +9,7 @@ from pathlib import Path
 import anthropic
 import httpx
 import pytest
+from pipeline_helpers import events_of
 import yaml
 
 from semantic.chat_format import HERMES
@@ -58,14 +59,6 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server):
     return anthropic.Anthropic(base_url=server.url, api_key="local", max_retries=0)
-
-
-def events_of(body: str) -> list[tuple[str, dict]]:
-    out = []
-    for chunk in body.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in chunk.splitlines())
-        out.append((lines["event"], json.loads(lines["data"])))
-    return out
 
 
 def test_tool_use_round_trip_with_the_sdk(client):

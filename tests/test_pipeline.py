@@ -190,7 +190,7 @@ def test_server_reports_not_ready_after_a_stage_crash(scripted):
     assert crashed.status_code == 500
     assert (trio.run(crashed.get_json))["error"]["type"] == "api_error"
     assert health.status_code == 503 and trio.run(health.get_json)["status"] == "failed"
-    assert after.status_code == 503 and trio.run(after.get_json)["type"] == "error"
+    assert after.status_code == 503 and trio.run(after.get_json)["type"] == "error", trio.run(after.get_json)
 
 
 def test_a_pipeline_built_in_code_gets_the_type_check_too(registry, scripted):

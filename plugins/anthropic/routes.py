@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 import uuid
-import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import ValidationError
 import trio
 from quart import Blueprint, Response, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from semantic.chat import unencodable
 from semantic.chat_format import OutputParser, Part, TextPart, ThinkingPart, ToolCallPart, new_call_id
 from semantic.errors import ErrorKind, RequestError
 from semantic.items import Incoming
 from semantic.model import SamplingParams
+from semantic.protocol_http import KEEPALIVE_S, SSE_HEADERS, SSEBody, early_failure, first, first_event, protocol_blueprint, read_json
 from semantic.request import Event, Failed, Finished, RequestHandle, Started, TextDelta, Usage
 from semantic.stages.tokenize import render
 
+from .responses import CountTokensOut, ErrorDetail, ErrorOut, MessageOut
+from .responses import Usage as UsageOut
 from .schema import CountTokensRequest, MessagesRequest, callable_tools, to_chat, tools_of
 
 log = logging.getLogger(__name__)
@@ -41,10 +40,8 @@ _STATUS: dict[ErrorKind, tuple[int, str]] = {
 
 
 def error_body(error: RequestError, request_id: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"type": "error", "error": {"type": _STATUS[error.kind][1], "message": error.message}}
-    if request_id:
-        body["request_id"] = request_id
-    return body
+    body = ErrorOut(error=ErrorDetail(type=_STATUS[error.kind][1], message=error.message), request_id=request_id)
+    return body.model_dump(exclude_none=True)
 
 
 def error_response(error: RequestError) -> Response:
@@ -61,36 +58,12 @@ def sse(event: str, data: dict[str, Any]) -> str:
 
 
 def usage_json(usage: Usage) -> dict[str, int]:
-    return {
-        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
-        "output_tokens": usage.output_tokens,
-        "cache_read_input_tokens": usage.cached_tokens,
-        "cache_creation_input_tokens": usage.cache_created_tokens,
-    }
-
-
-async def _read_request(max_bytes: int, model: type[CountTokensRequest] = MessagesRequest) -> tuple[Any, int]:
-    try:
-        raw = await request.get_data(cache=False, as_text=False)
-    except RequestEntityTooLarge:
-        raise RequestError(ErrorKind.TOO_LARGE, f"request body is larger than {max_bytes} bytes") from None
-    if len(raw) > max_bytes:
-        raise RequestError(ErrorKind.TOO_LARGE, f"request body is larger than {max_bytes} bytes")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(ErrorKind.INVALID_REQUEST, f"request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise RequestError(ErrorKind.INVALID_REQUEST, "request body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise RequestError(ErrorKind.INVALID_REQUEST, "request body must be a JSON object")
-    try:
-        return model.model_validate(body), len(raw)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors(include_url=False)[:10]
-        )
-        raise RequestError(ErrorKind.INVALID_REQUEST, problems) from None
+    return UsageOut(
+        input_tokens=usage.prompt_tokens - usage.cached_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_input_tokens=usage.cached_tokens,
+        cache_creation_input_tokens=usage.cache_created_tokens,
+    ).model_dump()
 
 
 def _agent_hint() -> str | None:
@@ -113,16 +86,10 @@ class _Exchange:
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
 
     def message(self, content: list[dict[str, Any]], stop_reason: str | None, stop_sequence: str | None, usage: Usage) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "type": "message",
-            "role": "assistant",
-            "model": self.req.model,
-            "content": content,
-            "stop_reason": stop_reason,
-            "stop_sequence": stop_sequence,
-            "usage": usage_json(usage),
-        }
+        out = MessageOut.model_validate(
+            {"id": self.id, "model": self.req.model, "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage_json(usage)}
+        )
+        return out.model_dump()
 
     def stop_reason(self, finished: Finished) -> str:
         if finished.stop_reason in ("end_turn", "cancelled") and self.parser.calls:
@@ -188,14 +155,6 @@ class _Blocks:
         return self.close()
 
 
-#: A stream starts (message_start, then pings) when the first event takes longer than this;
-#: errors that come sooner still get their own HTTP status.
-STREAM_GRACE_S = 1.0
-#: While a request waits in the queue or its prompt is prefilled, a ping at least this often
-#: (Claude Code and proxies abort silent streams).
-KEEPALIVE_S = 5.0
-
-
 async def _stream(ex: _Exchange, first: Event | None) -> AsyncIterator[str]:
     started = first.usage if isinstance(first, Started) else Usage()
     blocks = _Blocks()
@@ -243,24 +202,6 @@ async def _stream(ex: _Exchange, first: Event | None) -> AsyncIterator[str]:
         ex.handle.cancel()  # no-op when finished; stops generation when the client went away
 
 
-class _SSEBody:
-    """The SSE body. However the response ends — finished, client gone, never started — the
-    request is cancelled (a no-op once it has finished), so nothing generates for nobody."""
-
-    def __init__(self, ex: _Exchange, first: Event | None) -> None:
-        self._gen = _stream(ex, first)
-        weakref.finalize(self, ex.handle.cancel)
-
-    def __aiter__(self) -> _SSEBody:
-        return self
-
-    async def __anext__(self) -> str:
-        return await self._gen.__anext__()
-
-    async def aclose(self) -> None:
-        await self._gen.aclose()
-
-
 async def _complete(ex: _Exchange, events: AsyncIterator[Event]) -> Response:
     blocks = _Blocks()
     try:
@@ -281,53 +222,21 @@ async def _complete(ex: _Exchange, events: AsyncIterator[Event]) -> Response:
     return error_response(RequestError(ErrorKind.INTERNAL, "the response ended early"))
 
 
-def _first(*values: Any) -> Any:
-    """The first value that is not None (request, then pipeline default, then the API's)."""
-    return next((v for v in values if v is not None), None)
-
-
-def _api_key() -> str | None:
-    key = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
-    if key is None and auth.lower().startswith("bearer "):
-        key = auth[7:].strip()
-    return key
-
-
-def check_api_key(keys: list[str]) -> None:
-    """Refuse with 401 unless ``keys`` is empty or the request carries one of them."""
-    if not keys:
-        return
-    given = _api_key()
-    if given is None:
-        raise RequestError(ErrorKind.AUTHENTICATION, "missing API key: send x-api-key or Authorization: Bearer")
-    if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
-        raise RequestError(ErrorKind.AUTHENTICATION, "invalid API key")
-
-
 def blueprint(pipeline: Any) -> Blueprint:
     """The protocol's routes for ``pipeline``."""
-    bp = Blueprint("anthropic", __name__)
+    bp = protocol_blueprint("anthropic", __name__, pipeline, error_response)
     limits = pipeline.config.limits
-
-    @bp.before_request
-    async def authenticate() -> Response | None:
-        try:
-            check_api_key(pipeline.config.server.api_keys)
-        except RequestError as e:
-            return error_response(e)
-        return None
 
     @bp.post("/v1/messages")
     async def messages() -> Response:
         try:
-            req, size = await _read_request(limits.max_request_bytes)
+            req, size = await read_json(limits.max_request_bytes, MessagesRequest)
             defaults = pipeline.config.model.sampling
             params = SamplingParams(
                 max_tokens=req.max_tokens,
-                temperature=_first(req.temperature, defaults.temperature, 1.0),
-                top_p=_first(req.top_p, defaults.top_p),
-                top_k=_first(req.top_k, defaults.top_k),
+                temperature=first(req.temperature, defaults.temperature, 1.0),
+                top_p=first(req.top_p, defaults.top_p),
+                top_k=first(req.top_k, defaults.top_k),
                 stop=tuple(req.stop_sequences or ()),
             )
             tools = tools_of(req)
@@ -347,27 +256,18 @@ def blueprint(pipeline: Any) -> Blueprint:
             return error_response(e)
         parser = pipeline.model.chat_format.parser(callable_tools(req, tools), new_id=lambda: new_call_id("toolu_"))
         ex = _Exchange(req, handle, parser)
-        events = handle.events()
-        try:
-            if not req.stream:
-                return await _complete(ex, events)
-            first = await handle.next_event(STREAM_GRACE_S)
-        except BaseException:  # the client left while the request waited
-            handle.cancel()
-            raise
-        if isinstance(first, Failed):
-            handle.cancel()
-            return error_response(first.error)
-        if first is None and handle.done:
-            return error_response(RequestError(ErrorKind.INTERNAL, "the request ended without a response"))
-        headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-        return Response(_SSEBody(ex, first), mimetype="text/event-stream", headers=headers)
+        if not req.stream:
+            return await _complete(ex, handle.events())
+        ev = await first_event(handle)
+        if (error := early_failure(handle, ev)) is not None:
+            return error_response(error)
+        return Response(SSEBody(handle, lambda: _stream(ex, ev)), mimetype="text/event-stream", headers=SSE_HEADERS)
 
     @bp.post("/v1/messages/count_tokens")
     async def count_tokens() -> Response:
         """The prompt's real token count: the model's tokenizer and chat template, tools included."""
         try:
-            req, _size = await _read_request(limits.max_request_bytes, CountTokensRequest)
+            req, _size = await read_json(limits.max_request_bytes, CountTokensRequest)
             if not pipeline.config.model.accepts(req.model):
                 raise RequestError(ErrorKind.NOT_FOUND, f"model {req.model!r} is not served here")
             model = pipeline.model
@@ -380,36 +280,6 @@ def blueprint(pipeline: Any) -> Blueprint:
             tokens = await render(model, messages, tools_of(req))
         except RequestError as e:
             return error_response(e)
-        return Response(json.dumps({"input_tokens": len(tokens)}), mimetype="application/json")
-
-    @bp.errorhandler(Exception)
-    async def unexpected(error: Exception) -> Response:
-        if isinstance(error, HTTPException):
-            kind = {404: ErrorKind.NOT_FOUND, 413: ErrorKind.TOO_LARGE}.get(error.code or 500, ErrorKind.INVALID_REQUEST)
-            return error_response(RequestError(kind, error.description or error.name))
-        log.exception("unexpected error in the anthropic protocol")
-        return error_response(RequestError(ErrorKind.INTERNAL, f"internal error ({type(error).__name__})"))
-
-    def model_entry(name: str) -> dict[str, Any]:
-        return {
-            "type": "model",
-            "id": name,
-            "display_name": name,
-            "created_at": "2024-01-01T00:00:00Z",
-            "max_input_tokens": pipeline.context.window() if pipeline.model is not None else None,
-            "max_tokens": limits.max_output_tokens,
-        }
-
-    @bp.get("/v1/models")
-    async def models() -> Response:
-        name = pipeline.config.model.name
-        body = {"data": [model_entry(name)], "has_more": False, "first_id": name, "last_id": name}
-        return Response(json.dumps(body), mimetype="application/json")
-
-    @bp.get("/v1/models/<path:model_id>")
-    async def model(model_id: str) -> Response:
-        if not pipeline.config.model.accepts(model_id):
-            return error_response(RequestError(ErrorKind.NOT_FOUND, f"model {model_id!r} is not served here"))
-        return Response(json.dumps(model_entry(model_id)), mimetype="application/json")
+        return Response(CountTokensOut(input_tokens=len(tokens)).model_dump_json(), mimetype="application/json")
 
     return bp
