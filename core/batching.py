@@ -34,6 +34,9 @@ class BatchOptions:
     ``whole_prompt``: when every prompt being prefilled is at most this long (cached tokens
     included), it is prefilled in one pass: on a CPU each forward pass has a large fixed cost, so
     cutting short prompts costs more throughput than it saves latency.
+    ``idle_whole_tokens``: while nothing decodes there is no stream to keep smooth, so prompts
+    arriving then (up to this many tokens in all) are prefilled together in one batch, the way
+    a burst of new agents is best served.
     """
 
     max_batch: int = 16
@@ -41,6 +44,7 @@ class BatchOptions:
     prefill_share: float = 1.5
     min_prefill_chunk: int = 1
     whole_prompt: int = 256
+    idle_whole_tokens: int = 4096
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,6 +99,7 @@ class MLXBatchEngine(BatchEngine):
         self._base_s: float | None = None  # running average of a step without prefill
         self._token_s: float | None = None  # running average of long-prefill time per token
         self._size: int | None = None  # long-prefill chunk while others decode (steered)
+        self._idle_tokens = 0  # prompt tokens sent whole since the engine was last busy
         self._vocab = int(getattr(getattr(model.module, "args", None), "vocab_size", 0) or 1 << 30)
 
     @property
@@ -107,7 +108,12 @@ class MLXBatchEngine(BatchEngine):
 
     def add(self, spec: SequenceSpec) -> None:
         start = spec.prefix_len if spec.prefix is not None else 0
-        if len(spec.prompt) - start > self.options.whole_prompt:
+        remaining = len(spec.prompt) - start
+        idle = not self._decoding and not self._long  # no running stream to keep smooth
+        if idle and self._idle_tokens + remaining <= self.options.idle_whole_tokens:
+            self._idle_tokens += remaining  # prompts arriving together on an idle engine: one batched prefill
+            self._insert(spec, self._start_cache(spec), start)
+        elif remaining > self.options.whole_prompt:
             caches = self.model.writable_cache(spec.prefix, start)
             self._long[spec.seq_id] = _LongPrompt(spec, caches, start)
         else:
@@ -187,6 +193,8 @@ class MLXBatchEngine(BatchEngine):
             prefill_s += dt
             prefill_tokens += chunk
         self.stats = StepStats(decode_s, prefill_s, prefill_tokens, len(events), chunk)
+        if self._decoding or self._long:
+            self._idle_tokens = 0
         return events
 
     def _events(self, responses: list[Any]) -> list[SeqEvent]:

@@ -40,6 +40,9 @@ class DecodeSettings(NoSettings):
     whole_prompt: int = Field(
         256, ge=0, le=8192, description="Prompts up to this many tokens (cached included) are prefilled in one pass, never cut."
     )
+    idle_whole_tokens: int = Field(
+        4096, ge=0, le=65536, description="While nothing decodes, prompts arriving (up to this many tokens in all) are prefilled together."
+    )
     prefill_share: float = Field(
         1.5,
         gt=0,
@@ -105,6 +108,7 @@ class Decode(Stage):
             prefill_chunk=s.prefill_chunk,
             prefill_share=s.prefill_share,
             whole_prompt=s.whole_prompt,
+            idle_whole_tokens=s.idle_whole_tokens,
         )
 
     async def _new_engine(self) -> BatchEngine:

@@ -160,3 +160,25 @@ def test_decode_stage_batches_requests_and_streams_each(mlx, smollm):
         text = "".join(e.text for e in drain(item.request) if isinstance(e, TextDelta))
         eos = smollm.tokenizer.eos_token_ids
         assert text == smollm.tokenizer.decode([t for t in tokens if t not in eos])
+
+
+def test_prompts_arriving_on_an_idle_engine_are_prefilled_together(mlx, smollm):
+    text = "the quick brown fox jumps over the lazy dog. " * 8
+    longs = [tuple(smollm.tokenizer.encode_chat([ChatMessage("user", f"Topic {i}: {text}")])) for i in range(3)]
+
+    def prefill_steps(options):
+        engine = smollm.batch_engine(options)
+        for i, p in enumerate(longs):
+            engine.add(SequenceSpec(i, p, None, 0, SamplingParams(max_tokens=2, temperature=0)))
+        steps = []
+        while engine.active:
+            engine.step()
+            steps.append(engine.stats.prefill_tokens)
+        engine.close()
+        return [n for n in steps if n]
+
+    assert all(len(p) > 64 for p in longs)
+    together = mlx.run_sync(prefill_steps, BatchOptions(max_batch=4, prefill_chunk=512, whole_prompt=32))
+    assert len(together) == 1 and together[0] >= sum(len(p) - 1 for p in longs)  # one batched prefill
+    alone = mlx.run_sync(prefill_steps, BatchOptions(max_batch=4, prefill_chunk=512, whole_prompt=32, idle_whole_tokens=0))
+    assert len(alone) > 1  # without it: the long prompts one after the other, in chunks
