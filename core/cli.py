@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -54,7 +55,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     config = config.model_copy(update={"server": server})
     trio.run(lambda: serve(config, registry, base_dir=path.parent))
-    return 0
+    # Shut down cleanly: the pipeline is closed, caches are flushed, files are closed. Leave now,
+    # without the interpreter's teardown: MLX's C++ threads can still be joinable when their
+    # statics are destroyed, which sometimes aborts the process ("terminate called without an
+    # active exception", exit -6) after a clean shutdown.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
