@@ -33,7 +33,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from resume_ttft import Proc, semantic_server  # noqa: E402
+from resume_ttft import mlx_lm_server, semantic_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TOPICS = [
@@ -283,17 +283,9 @@ def main() -> None:
         server.stop()
 
     if not args.skip_mlx_lm:
-        env = {"HF_HUB_OFFLINE": "1", **({"LD_PRELOAD": blas} if blas else {})}
-        cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--port", "8931", "--decode-concurrency", "32"]
-        other = Proc(cmd, r"(http://127\.0\.0\.1:\d+)|Starting httpd", env=env)
-        url = "http://127.0.0.1:8931"
+        other = mlx_lm_server(model_dir, 8931, "--decode-concurrency", "32", blas=blas)
+        url = other.url
         try:
-            for _ in range(60):
-                try:
-                    httpx.get(f"{url}/v1/models", timeout=2)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(1)
             concurrent(stream_openai, url, 2, 8)
             for n in args.agents:
                 row = results["throughput"][str(n)]

@@ -30,7 +30,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from resume_ttft import ROOT, Proc, semantic_server  # noqa: E402
+from resume_ttft import ROOT, mlx_lm_server, semantic_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 RECORDED = ROOT / "tests" / "fixtures" / "claude_code"
@@ -150,17 +150,10 @@ def main() -> None:
 
     if not args.skip_mlx_lm:
         model_dir = next((cache_dir() / "models").glob("SmolLM2-135M-Instruct*-float32-v*"))
-        cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--port", "8932"]
-        other = Proc(cmd, r"(http://127\.0\.0\.1:\d+)|Starting httpd", env={"HF_HUB_OFFLINE": "1", **({"LD_PRELOAD": blas} if blas else {})})
-        url = "http://127.0.0.1:8932"
+        other = mlx_lm_server(model_dir, 8932, blas=blas)
+        url = other.url
         theirs: list[dict] = []
         try:
-            for _ in range(60):
-                try:
-                    httpx.get(f"{url}/v1/models", timeout=2)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(1)
             for n in range(args.turns):  # the same conversation, with semantic's replies
                 turn = mlx_lm_turn(url, turns_of(first, replies, n))
                 turn.pop("reply")

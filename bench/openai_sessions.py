@@ -27,7 +27,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from resume_ttft import Proc, semantic_server  # noqa: E402
+from resume_ttft import mlx_lm_server, semantic_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PREAMBLE = "You are one of several assistants working on a shared research project about the history of science. " * 20
@@ -128,16 +128,9 @@ def main() -> None:
 
     if not args.skip_mlx_lm:
         model_dir = next((cache_dir() / "models").glob("SmolLM2-135M-Instruct*-float32-v*"))
-        cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--port", "8933", "--decode-concurrency", "32"]
-        other = Proc(cmd, r"(http://127\.0\.0\.1:\d+)|Starting httpd", env={"HF_HUB_OFFLINE": "1", **({"LD_PRELOAD": blas} if blas else {})})
-        url = "http://127.0.0.1:8933"
+        other = mlx_lm_server(model_dir, 8933, "--decode-concurrency", "32", blas=blas)
+        url = other.url
         try:
-            for _ in range(60):
-                try:
-                    httpx.get(f"{url}/v1/models", timeout=2)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(1)
             turn(url, "default_model", [{"role": "user", "content": "warm up"}], 4, None)
             results["mlx_lm_server"] = workload(url, "default_model", args.sessions, args.turns, args.max_tokens, named=False)
             print("mlx_lm.server", json.dumps(results["mlx_lm_server"]), flush=True)

@@ -99,9 +99,18 @@ def semantic_server(pipeline: Path) -> Proc:
     return Proc(cmd, r"serving pipeline .* on (http://\S+)")
 
 
-def mlx_lm_server(model_dir: Path, port: int) -> Proc:
-    cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--port", str(port)]
-    return Proc(cmd, r"(http://127\.0\.0\.1:\d+)|Starting httpd", env={"HF_HUB_OFFLINE": "1"})
+def mlx_lm_server(model_dir: Path, port: int, *extra: str, blas: str | None = None) -> Proc:
+    """``mlx_lm.server`` on ``port`` (with ``blas`` preloaded, like semantic), ready to answer."""
+    cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--port", str(port), *extra]
+    proc = Proc(cmd, r"(http://127\.0\.0\.1:\d+)|Starting httpd", env={"HF_HUB_OFFLINE": "1", **({"LD_PRELOAD": blas} if blas else {})})
+    proc.url = f"http://127.0.0.1:{port}"
+    for _ in range(60):
+        try:
+            httpx.get(f"{proc.url}/v1/models", timeout=2)
+            break
+        except httpx.HTTPError:
+            time.sleep(1)
+    return proc
 
 
 def main() -> None:
