@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +64,33 @@ class NewBlock:
     tokens: tuple[int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Footprint:
+    """What the cache holds of one agent. ``tokens``: the leading tokens of its latest state that
+    a next turn would read from cache now (memory blocks, disk blocks, its partial tail)."""
+
+    tokens: int
+    memory_blocks: int
+    disk_blocks: int
+    memory_bytes: int
+    disk_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Freed:
+    """What deleting an agent gave back; blocks other agents use are kept."""
+
+    memory_blocks: int
+    disk_blocks: int
+    memory_bytes: int
+    disk_bytes: int
+    shared_blocks_kept: int
+
+
+#: Agents whose latest block chain is remembered (for the direct agent API's bookkeeping).
+MAX_CHAINS = 4096
+
+
 class BlockCache:
     def __init__(
         self,
@@ -85,6 +114,7 @@ class BlockCache:
         self.pool = BlockPool((memory_bytes - self.tail_budget) // block_bytes, block_tokens, block_bytes, policy)
         self.disk = disk if self.paged else None
         self.tails: dict[str, Tail] = {}
+        self.chains: OrderedDict[str, tuple[BlockHash, ...]] = OrderedDict()  # agent -> its latest state's full blocks
         self.exact = None if self.paged else KVStore(memory_bytes, policy)
 
     # --- lookup -------------------------------------------------------------------------------
@@ -246,6 +276,10 @@ class BlockCache:
             filled.append(block)
             new.append(NewBlock(hashes[i], parent, i, block_tokens))
         self.tails.pop(item.agent_id, None)
+        self.chains[item.agent_id] = tuple(hashes)
+        self.chains.move_to_end(item.agent_id)
+        while len(self.chains) > MAX_CHAINS:
+            self.chains.popitem(last=False)
         if tail_start < len(tokens):
             parent = hashes[-1] if hashes else self.root
             self.tails[item.agent_id] = Tail(parent, len(hashes), tuple(tokens[tail_start:]), payloads[-1])
@@ -267,3 +301,67 @@ class BlockCache:
         lo, hi, bt = item.prefix_len if item.prefix is not None else 0, len(item.prompt_tokens), self.block_tokens
         ranges = [(d * bt, (d + 1) * bt) for d in depths] + ([(tail_start, hi)] if has_tail else [])
         return sum(max(0, min(b, hi) - max(a, lo)) for a, b in ranges)
+
+    # --- agents -------------------------------------------------------------------------------
+
+    def footprint(self, agent: str, chain: Sequence[BlockHash], blocks: Iterable[BlockHash]) -> Footprint:
+        """How much of ``agent`` is cached: ``chain`` is its latest state's full blocks, ``blocks``
+        every block it stored or read. Bookkeeping only (event loop)."""
+        per_token = self.model.info.kv_bytes_per_token
+        if not self.paged:
+            assert self.exact is not None
+            entry = self.exact.get(agent)
+            n = len(entry.state.tokens) if entry is not None else 0
+            return Footprint(n, 0, 0, entry.state.nbytes if entry is not None else 0, 0)
+        tokens = 0
+        for h in chain:
+            if self.pool.get(h) is None and not (self.disk is not None and self.disk.has(h)):
+                break
+            tokens += self.block_tokens
+        else:
+            tail = self.tails.get(agent)
+            if tail is not None and tail.depth == len(chain) and tail.parent == (chain[-1] if chain else self.root):
+                tokens += len(tail.tokens)
+        blocks = set(blocks)
+        memory = sum(1 for h in blocks if self.pool.get(h) is not None)
+        on_disk = [h for h in blocks if self.disk is not None and self.disk.has(h)]
+        tail_bytes = len(self.tails[agent].tokens) * per_token if agent in self.tails else 0
+        disk_bytes = sum(self.disk.size_of(h) for h in on_disk) if self.disk is not None else 0
+        return Footprint(tokens, memory, len(on_disk), memory * self.pool.block_bytes + tail_bytes, disk_bytes)
+
+    async def forget(self, agent: str, blocks: Iterable[BlockHash], keep: Iterable[BlockHash] = ()) -> Freed:
+        """Free what only ``agent`` holds: its tail, and those of ``blocks`` that are not in
+        ``keep`` (other agents' blocks), not used by another agent in memory and not in use by a
+        running request — in the pool and on disk."""
+        self.chains.pop(agent, None)
+        tail = self.tails.pop(agent, None)
+        per_token = self.model.info.kv_bytes_per_token
+        tail_bytes = len(tail.tokens) * per_token if tail is not None else 0
+        if not self.paged:
+            assert self.exact is not None
+            entry = self.exact.get(agent)
+            self.exact.drop(agent)
+            return Freed(0, 0, entry.state.nbytes if entry is not None else 0, 0, 0)
+        keep = set(keep)
+        memory = kept = 0
+        from_disk: list[BlockHash] = []
+        for h in set(blocks):
+            block = self.pool.get(h)
+            if h in keep or (block is not None and (block.ref_cnt > 0 or block.agents - {agent})):
+                kept += 1
+                continue
+            if block is not None and self.pool.discard(h):
+                memory += 1
+            if self.disk is not None and self.disk.has(h):
+                from_disk.append(h)
+        for block in self.pool.blocks:
+            block.agents.discard(agent)
+        disk_bytes = 0
+        if self.disk is not None and from_disk:
+            disk = self.disk
+            disk_bytes = sum(disk.size_of(h) for h in from_disk)
+            await trio.to_thread.run_sync(lambda: [disk.remove(h) for h in from_disk])
+            self.metrics.counters["cache_disk_bytes"] = disk.nbytes
+        self.metrics.counters["cache_bytes"] = self.pool.cached_bytes
+        self.metrics.counters["cache_blocks_used"] = self.pool.num_used
+        return Freed(memory, len(from_disk), memory * self.pool.block_bytes + tail_bytes, disk_bytes, kept)

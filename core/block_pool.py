@@ -256,9 +256,25 @@ class BlockPool:
             self._children.setdefault(parent, set()).add(block_hash)
         return block
 
+    def discard(self, block_hash: BlockHash) -> bool:
+        """Drop a cached block nobody references (its owner was deleted); False if it is in use."""
+        block = self._index.get(block_hash)
+        if block is None or block.ref_cnt > 0:
+            return False
+        self._evictable.remove(block)
+        self._forget(block)
+        self._blank.append(block)
+        return True
+
     def _evict_one(self) -> KVBlock:
         victim = min(self._evictable, key=lambda b: self.policy.priority(b.stats()))
         self._evictable.remove(victim)
+        self._forget(victim)
+        self.evictions += 1
+        return victim
+
+    def _forget(self, victim: KVBlock) -> None:
+        """Unindex a free block and clear what it held."""
         del self._index[victim.block_hash]  # type: ignore[arg-type]
         if victim.parent is not None:
             siblings = self._children.get(victim.parent)
@@ -269,8 +285,6 @@ class BlockPool:
         victim.block_hash, victim.payload, victim.uses, victim.depth = None, None, 0, 0
         victim.parent, victim.tokens = None, ()
         victim.agents.clear()
-        self.evictions += 1
-        return victim
 
     def check(self) -> None:
         """Assert the pool's invariants (tests call this after every operation)."""

@@ -35,6 +35,7 @@ class LimitsConfig(_Strict):
     max_output_tokens: int = Field(4096, ge=1, description="Cap on generated tokens per request.")
     max_queue_depth: int = Field(64, ge=1, description="Requests waiting to be scheduled; more are refused.")
     max_concurrent_sessions: int = Field(32, ge=1, description="Agents with requests in flight at once.")
+    max_agents: int = Field(1024, ge=0, description="Agents the direct agent API keeps (/v1/agents); creating more is refused.")
 
 
 class CacheConfig(_Strict):

@@ -123,6 +123,11 @@ class DiskStore:
     def has(self, block_hash: BlockHash) -> bool:
         return block_hash in self.entries
 
+    def size_of(self, block_hash: BlockHash) -> int:
+        """Bytes of the block's file (0 if it is not on disk)."""
+        entry = self.entries.get(block_hash)
+        return entry.nbytes if entry is not None else 0
+
     def path_of(self, block_hash: BlockHash) -> Path:
         return self.root / f"{block_hash.hex()}.safetensors"
 

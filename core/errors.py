@@ -11,6 +11,7 @@ class ErrorKind(str, Enum):
     INVALID_REQUEST = "invalid_request"  # 400
     AUTHENTICATION = "authentication"  # 401
     NOT_FOUND = "not_found"  # 404
+    CONFLICT = "conflict"  # 409: the resource exists already or is busy
     TOO_LARGE = "too_large"  # 413
     RATE_LIMITED = "rate_limited"  # 429
     OVERLOADED = "overloaded"  # 529 (Anthropic) / 429 (OpenAI)

@@ -29,6 +29,7 @@ class Incoming:
     raw_prompt: str | None = None  # a plain-text prompt (no chat template); ``messages`` then hold it as one user message
     agent_hint: str | None = None
     request_bytes: int = 0
+    prefill_only: bool = False  # cache what every continuation of ``messages`` shares; no reply wanted
 
     def advance(self, cls: type[T], **fields: Any) -> T:
         """This item as the next stage's type ``cls``, with ``fields`` added or replaced."""

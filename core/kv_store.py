@@ -92,6 +92,10 @@ class KVStore:
         self._entries[agent_id] = Entry(agent_id, state, old.created if old else now, now, old.uses if old else 0)
         return self._evict(protect=agent_id)
 
+    def get(self, agent_id: str) -> Entry | None:
+        """The agent's kept state, without counting a use."""
+        return self._entries.get(agent_id)
+
     def drop(self, agent_id: str) -> bool:
         return self._entries.pop(agent_id, None) is not None
 

@@ -95,6 +95,22 @@ class ChatTokenizer(Protocol):
         """A fresh incremental decoder for one response."""
 
 
+_PROBES = ("A", "Z")
+
+
+def conversation_prefix(tokenizer: ChatTokenizer, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
+    """The token ids every continuation of ``messages`` starts with: where the chat template's
+    renderings of two different next user messages part. Caching these ahead (an agent's system
+    prompt) makes the first real turn warm, whatever the template writes between turns."""
+    a, b = (tokenizer.encode_chat([*messages, ChatMessage("user", probe)], tools) for probe in _PROBES)
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return a[:n]
+
+
 class Generation(ABC):
     """One running generation: iterate for token ids; then ask for the KV state it left."""
 

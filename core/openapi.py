@@ -10,7 +10,15 @@ from pydantic.json_schema import models_json_schema
 
 from .protocol import RouteDoc
 
-_STATUSES = {"400": "Invalid request", "401": "Missing or wrong API key", "404": "Unknown route or model", "413": "Body too large", "429": "Queue full or too many sessions", "500": "Internal error"}
+_STATUSES = {
+    400: "Invalid request",
+    401: "Missing or wrong API key",
+    404: "Unknown route, model or agent",
+    409: "The agent exists already or is busy",
+    413: "Body too large",
+    429: "Queue full or too many sessions",
+    500: "Internal error",
+}
 
 
 def _param_names(path: str) -> list[str]:
@@ -39,8 +47,8 @@ def openapi(title: str, version: str, routes: Iterable[tuple[str, RouteDoc]]) ->
             ok["content"]["text/event-stream"] = {"schema": {"type": "string", "description": "Server-sent events (with stream: true)."}}
         op["responses"] = {"200": ok}
         if r.error is not None:
-            for status, text in _STATUSES.items():
-                op["responses"][status] = {"description": text, "content": {"application/json": {"schema": refs[(r.error, "validation")]}}}
+            for status in r.statuses:
+                op["responses"][str(status)] = {"description": _STATUSES.get(status, "Error"), "content": {"application/json": {"schema": refs[(r.error, "validation")]}}}
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",

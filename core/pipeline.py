@@ -71,6 +71,8 @@ class Pipeline:
         self._worker = worker  # the thread that loaded ``model``, when one is given
         self._entry: trio.MemorySendChannel[Incoming] | None = None
         self._inflight: set[RequestHandle] = set()
+        #: Where this pipeline keeps state across restarts (KV blocks, agents); None: nothing on disk.
+        self.state_dir: Path | None = None
 
     @property
     def ready(self) -> bool:
@@ -145,10 +147,11 @@ class Pipeline:
             policy=policies.factory(),
             metrics=self.context.metrics,
         )
+        root = Path(cfg.disk_dir).expanduser() if cfg.disk_dir else cache_dir() / "kv"
+        if cfg.disk_dir and not root.is_absolute() and self.base_dir is not None:
+            root = self.base_dir / root
+        self.state_dir = root if cfg.disk_mb > 0 else None
         if model.info.pageable and cfg.disk_mb > 0:
-            root = Path(cfg.disk_dir).expanduser() if cfg.disk_dir else cache_dir() / "kv"
-            if cfg.disk_dir and not root.is_absolute() and self.base_dir is not None:
-                root = self.base_dir / root
             disk = DiskStore(
                 root / cache.root.hex(),
                 fingerprint=model.info.fingerprint,

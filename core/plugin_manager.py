@@ -32,6 +32,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "semantic.plugins.eviction",
     "semantic.plugins.anthropic",
     "semantic.plugins.openai",
+    "semantic.plugins.agents",
 )
 
 

@@ -13,8 +13,8 @@ class RouteDoc:
     """One HTTP route: the pydantic models its handler reads and writes.
 
     ``request`` validates the JSON body (None: no body); ``response`` is the JSON reply;
-    ``error`` the protocol's error body; ``streams``: with ``stream: true`` the reply is
-    ``text/event-stream``.
+    ``error`` the protocol's error body, for the ``statuses`` it may come with; ``streams``:
+    with ``stream: true`` the reply is ``text/event-stream``.
     """
 
     method: str
@@ -24,6 +24,7 @@ class RouteDoc:
     response: Any = None
     error: Any = None
     streams: bool = False
+    statuses: tuple[int, ...] = (400, 401, 404, 413, 429, 500)
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,7 +58,7 @@ class Identify(Stage):
         where = unencodable(item.messages, item.tools, extra)
         if where is not None:
             raise RequestError(ErrorKind.INVALID_REQUEST, f"{where}: text is not valid Unicode (unpaired surrogate)")
-        if not any(m.role != "system" for m in item.messages):
+        if not item.prefill_only and not any(m.role != "system" for m in item.messages):
             raise RequestError(ErrorKind.INVALID_REQUEST, "messages: at least one user message is required")
         if item.agent_hint is not None and not AGENT_ID.match(item.agent_hint):
             raise RequestError(ErrorKind.INVALID_REQUEST, "agent id: 1-128 characters of A-Z a-z 0-9 . _ : -")

@@ -11,16 +11,19 @@ import trio
 from semantic import hookimpl
 from semantic.errors import ErrorKind, RequestError
 from semantic.items import Identified, Tokenized
-from semantic.model import ChatMessage, Model, ToolSpec
+from semantic.model import ChatMessage, Model, ToolSpec, conversation_prefix
 from semantic.stage import Stage
 
 log = logging.getLogger(__name__)
 
 
-async def render(model: Model, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> list[int]:
-    """The prompt's token ids. A conversation the model's chat template refuses (roles that must
-    alternate, a shape it does not know) is that request's 400, never a stage failure."""
+async def render(model: Model, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec], *, prefix: bool = False) -> list[int]:
+    """The prompt's token ids (with ``prefix``: only what every continuation of the conversation
+    shares). A conversation the model's chat template refuses (roles that must alternate, a shape
+    it does not know) is that request's 400, never a stage failure."""
     try:
+        if prefix:
+            return await trio.to_thread.run_sync(conversation_prefix, model.tokenizer, messages, tools)
         return await trio.to_thread.run_sync(model.tokenizer.encode_chat, messages, tools)
     except RequestError:
         raise
@@ -45,7 +48,9 @@ class Tokenize(Stage):
         if item.raw_prompt is not None:
             tokens = await trio.to_thread.run_sync(model.tokenizer.encode, item.raw_prompt)
         else:
-            tokens = await render(model, item.messages, item.tools)
+            tokens = await render(model, item.messages, item.tools, prefix=item.prefill_only)
+            if not tokens:
+                raise RequestError(ErrorKind.INVALID_REQUEST, "the chat template renders nothing to cache ahead for this conversation")
         limits = self.context.limits
         window = self.context.window()
         cap = min(limits.max_prompt_tokens, window - 1)

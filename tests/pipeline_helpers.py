@@ -52,6 +52,28 @@ def scripted_pipeline(registry, scripted, **options) -> Pipeline:
     return Pipeline(parse_pipeline(text, "scripted.yaml", registry), registry, model=scripted(**options))
 
 
+def pipeline_yaml(
+    folder: Path,
+    *,
+    script: list[dict] | None = None,
+    options: dict | None = None,
+    model: dict | None = None,
+    server: dict | None = None,
+    limits: dict | None = None,
+    cache: dict | None = None,
+) -> str:
+    """A copy of the scripted test pipeline in ``folder`` with its script and settings changed."""
+    import yaml
+
+    data = yaml.safe_load(SCRIPTED.read_text())
+    data["model"]["options"] = {"reply": None, "script": script or [], **(options or {})}
+    for key, extra in (("model", model), ("server", server), ("limits", limits), ("cache", cache)):
+        data.setdefault(key, {}).update(extra or {})
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
 def events_of(body: str) -> list[tuple[str, dict]]:
     """An Anthropic SSE body as (event, data) pairs."""
     import json

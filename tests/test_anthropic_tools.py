@@ -10,12 +10,11 @@ import anthropic
 import httpx
 import pytest
 from pipeline_helpers import events_of
-import yaml
+from pipeline_helpers import pipeline_yaml as scripted_yaml
 
 from semantic.chat_format import HERMES
 from semantic.model import ChatMessage, ToolSpec
 
-PIPELINES = Path(__file__).parent / "pipelines"
 FIXTURES = Path(__file__).parent / "fixtures"
 MODEL = "claude-test-1"
 
@@ -36,15 +35,8 @@ SCRIPT = [
 ]
 
 
-def pipeline_yaml(tmp_path: Path, *, options: dict | None = None, model: dict | None = None, server: dict | None = None, limits: dict | None = None) -> str:
-    data = yaml.safe_load((PIPELINES / "scripted.yaml").read_text())
-    data["model"]["options"] = {"reply": None, "script": SCRIPT, **(options or {})}
-    data["model"].update(model or {})
-    data["server"].update(server or {})
-    data["limits"].update(limits or {})
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+def pipeline_yaml(tmp_path: Path, **settings) -> str:
+    return scripted_yaml(tmp_path, script=SCRIPT, **settings)
 
 
 @pytest.fixture(scope="module")

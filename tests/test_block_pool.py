@@ -73,6 +73,18 @@ class PoolMachine(RuleBasedStateMachine):
         for child in self.pool.children(parent):  # partial matches continue the matched chain
             assert child.parent == parent and self.filled[child.block_hash][: 4 * len(hits)] == tuple(prompt[: 4 * len(hits)])
 
+    @rule(prompt=st.lists(st.integers(0, 2), min_size=4, max_size=16))
+    def discard(self, prompt):
+        """An agent was deleted: its cached blocks go blank, unless a request holds them."""
+        for h in hash_blocks(ROOT, prompt, 4):
+            block = self.pool.get(h)
+            dropped = self.pool.discard(h)
+            assert dropped == (block is not None and block.ref_cnt == 0)
+            if block is not None:
+                assert (self.pool.get(h) is None) == dropped
+                if dropped:
+                    assert block.payload is None and not block.agents
+
     @invariant()
     def accounting(self):
         self.pool.check()

@@ -16,13 +16,19 @@ VALID = {
     "/v1/messages/count_tokens": {"model": "claude-test-1", "messages": [{"role": "user", "content": "hi"}]},
     "/v1/chat/completions": {"model": "claude-test-1", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
     "/v1/completions": {"model": "claude-test-1", "max_tokens": 8, "prompt": "hi"},
+    "/v1/agents": {"system": "hi", "metadata": {"k": "v"}},
+    "/v1/agents/{agent_id}/messages": {"content": "hi", "max_tokens": 8},
 }
+FUZZ_AGENT = "fuzz-agent"
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
-KEYS = sorted({k for body in VALID.values() for k in body} | {"stream", "tools", "tool_choice", "system", "temperature", "stop", "thinking", "session_id", "n", "seed"})
+KEYS = sorted(
+    {k for body in VALID.values() for k in body}
+    | {"stream", "tools", "tool_choice", "system", "temperature", "stop", "thinking", "session_id", "n", "seed", "id", "messages"}
+)
 
 
 @st.composite
@@ -46,7 +52,7 @@ def doc(scripted_server):
 
 def test_the_document_lists_every_route_with_the_handlers_models(doc):
     paths = doc["paths"]
-    for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health"):
+    for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/v1/agents", "/v1/agents/{agent_id}", "/v1/agents/{agent_id}/messages"):
         assert path in paths
     schemas = doc["components"]["schemas"]
 
@@ -67,16 +73,21 @@ def test_the_document_lists_every_route_with_the_handlers_models(doc):
 def test_generated_bodies_never_get_a_5xx_and_errors_keep_their_format(scripted_server, doc, route):
     assert route in doc["paths"]
     client = httpx.Client(base_url=scripted_server.url, timeout=30)
+    if "{agent_id}" in route:
+        client.post("/v1/agents", json={"id": FUZZ_AGENT})
+    url = route.replace("{agent_id}", FUZZ_AGENT)
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(bodies(route))
     def check(body):
-        r = client.post(route, json=body, headers={"x-agent-id": "fuzz"})
+        r = client.post(url, json=body, headers={"x-agent-id": "fuzz"})
         assert r.status_code < 500, (body, r.text)
         if r.status_code >= 400:
             err = r.json()
             if route.startswith("/v1/messages"):
                 assert err["type"] == "error" and {"type", "message"} <= set(err["error"]), err
+            elif route.startswith("/v1/agents"):
+                assert {"type", "message"} <= set(err["error"]), err
             else:
                 assert {"message", "type", "param", "code"} <= set(err["error"]), err
 

@@ -122,6 +122,24 @@ def test_tokenize_applies_the_chat_template_and_caps_output(scripted):
     assert big.params.max_tokens == 20 and small.params.max_tokens == 5
 
 
+def test_a_prefill_only_request_is_tokenized_as_what_every_next_turn_shares(scripted):
+    model = scripted()
+    system = [ChatMessage("system", "You are terse.")]
+
+    async def main():
+        async with stage_context(model=model, worker=False) as ctx:
+            item = incoming(system)
+            item.prefill_only = True  # no user message: still valid, for this purpose only
+            (out,) = await run_stage(Tokenize(None, ctx), await _identified(ctx, item))
+            return out
+
+    out = run(main)
+    for user in ("hello", "Zebra", ""):
+        turn = model.tokenizer.encode_chat([*system, ChatMessage("user", user)])
+        assert tuple(turn[: len(out.prompt_tokens)]) == out.prompt_tokens
+    assert len(out.prompt_tokens) > len(model.tokenizer.encode("You are terse."))
+
+
 def test_tokenize_refuses_prompts_over_the_limit(scripted):
     async def main():
         async with stage_context(model=scripted(), worker=False, limits=LimitsConfig(max_prompt_tokens=30)) as ctx:

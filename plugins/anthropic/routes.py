@@ -31,6 +31,7 @@ _STATUS: dict[ErrorKind, tuple[int, str]] = {
     ErrorKind.INVALID_REQUEST: (400, "invalid_request_error"),
     ErrorKind.AUTHENTICATION: (401, "authentication_error"),
     ErrorKind.NOT_FOUND: (404, "not_found_error"),
+    ErrorKind.CONFLICT: (409, "invalid_request_error"),
     ErrorKind.TOO_LARGE: (413, "request_too_large"),
     ErrorKind.RATE_LIMITED: (429, "rate_limit_error"),
     ErrorKind.OVERLOADED: (529, "overloaded_error"),

@@ -30,6 +30,7 @@ _STATUS: dict[ErrorKind, tuple[int, str, str | None]] = {
     ErrorKind.INVALID_REQUEST: (400, "invalid_request_error", None),
     ErrorKind.AUTHENTICATION: (401, "authentication_error", "invalid_api_key"),
     ErrorKind.NOT_FOUND: (404, "not_found_error", "model_not_found"),
+    ErrorKind.CONFLICT: (409, "invalid_request_error", "conflict"),
     ErrorKind.TOO_LARGE: (413, "invalid_request_error", "request_too_large"),
     ErrorKind.RATE_LIMITED: (429, "rate_limit_error", "rate_limit_exceeded"),
     ErrorKind.OVERLOADED: (429, "rate_limit_error", "overloaded"),
