@@ -115,6 +115,8 @@ class BlockCache:
         self.disk = disk if self.paged else None
         self.tails: dict[str, Tail] = {}
         self.chains: OrderedDict[str, tuple[BlockHash, ...]] = OrderedDict()  # agent -> its latest state's full blocks
+        self.writing: set[BlockHash] = set()  # blocks the disk writer is writing now
+        self.forgotten: set[BlockHash] = set()  # of those, ones freed meanwhile: removed once written
         self.exact = None if self.paged else KVStore(memory_bytes, policy)
 
     # --- lookup -------------------------------------------------------------------------------
@@ -275,6 +277,7 @@ class BlockCache:
             block = self.pool.fill(reserved.pop(0), hashes[i], payload, i, item.agent_id, parent=parent, tokens=block_tokens)
             filled.append(block)
             new.append(NewBlock(hashes[i], parent, i, block_tokens))
+            self.forgotten.discard(hashes[i])  # stored again: it stays on disk after all
         self.tails.pop(item.agent_id, None)
         self.chains[item.agent_id] = tuple(hashes)
         self.chains.move_to_end(item.agent_id)
@@ -331,8 +334,9 @@ class BlockCache:
 
     async def forget(self, agent: str, blocks: Iterable[BlockHash], keep: Iterable[BlockHash] = ()) -> Freed:
         """Free what only ``agent`` holds: its tail, and those of ``blocks`` that are not in
-        ``keep`` (other agents' blocks), not used by another agent in memory and not in use by a
-        running request — in the pool and on disk."""
+        ``keep`` (other agents' blocks), not used by another agent in memory, not in use by a
+        running request and not the parent of a block that stays (chains stay whole) — in the
+        pool and on disk."""
         self.chains.pop(agent, None)
         tail = self.tails.pop(agent, None)
         per_token = self.model.info.kv_bytes_per_token
@@ -342,18 +346,27 @@ class BlockCache:
             entry = self.exact.get(agent)
             self.exact.drop(agent)
             return Freed(0, 0, entry.state.nbytes if entry is not None else 0, 0, 0)
-        keep = set(keep)
-        memory = kept = 0
-        from_disk: list[BlockHash] = []
-        for h in set(blocks):
+        keep, mine = set(keep), set(blocks)
+        free: set[BlockHash] = set()
+        for h in mine:
             block = self.pool.get(h)
-            if h in keep or (block is not None and (block.ref_cnt > 0 or block.agents - {agent})):
-                kept += 1
-                continue
-            if block is not None and self.pool.discard(h):
+            if not (h in keep or (block is not None and (block.ref_cnt > 0 or block.agents - {agent}))):
+                free.add(h)
+        parents = {b.parent for b in self.pool.blocks if b.block_hash is not None and b.block_hash not in free}
+        if self.disk is not None:
+            parents |= self.disk.parents(excluding=free)
+        while stay := free & parents:  # what other blocks continue from stays, and its ancestors
+            free -= stay
+            parents |= {self._parent(h) for h in stay}
+        kept = len(mine) - len(free)
+        memory = 0
+        from_disk: list[BlockHash] = []
+        for h in free:
+            if self.pool.get(h) is not None and self.pool.discard(h):
                 memory += 1
             if self.disk is not None and self.disk.has(h):
                 from_disk.append(h)
+        self.forgotten |= free & self.writing
         for block in self.pool.blocks:
             block.agents.discard(agent)
         disk_bytes = 0
@@ -365,3 +378,9 @@ class BlockCache:
         self.metrics.counters["cache_bytes"] = self.pool.cached_bytes
         self.metrics.counters["cache_blocks_used"] = self.pool.num_used
         return Freed(memory, len(from_disk), memory * self.pool.block_bytes + tail_bytes, disk_bytes, kept)
+
+    def _parent(self, block_hash: BlockHash) -> BlockHash | None:
+        block = self.pool.get(block_hash)
+        if block is not None:
+            return block.parent
+        return self.disk.parent_of(block_hash) if self.disk is not None else None

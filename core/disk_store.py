@@ -123,6 +123,15 @@ class DiskStore:
     def has(self, block_hash: BlockHash) -> bool:
         return block_hash in self.entries
 
+    def parents(self, excluding: set[BlockHash]) -> set[BlockHash]:
+        """Parent hashes of the blocks on disk, except those in ``excluding``."""
+        with self._lock:
+            return {e.parent for h, e in self.entries.items() if h not in excluding}
+
+    def parent_of(self, block_hash: BlockHash) -> BlockHash | None:
+        entry = self.entries.get(block_hash)
+        return entry.parent if entry is not None else None
+
     def size_of(self, block_hash: BlockHash) -> int:
         """Bytes of the block's file (0 if it is not on disk)."""
         entry = self.entries.get(block_hash)

@@ -49,7 +49,7 @@ def make_sampler(params: SamplingParams, vocab_size: int) -> Any:
     top_k = params.top_k if params.top_k is not None and 0 < params.top_k < vocab_size else 0
     if params.seed is None:
         return mlx_lm_sampler(temp=params.temperature, top_p=top_p, top_k=top_k)
-    key = mx.random.key(params.seed)
+    key = mx.random.key(params.seed % 2**64)  # any integer, as clients send them
     scale = 1.0 / params.temperature
 
     def sample(logprobs: Any) -> Any:

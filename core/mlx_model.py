@@ -73,7 +73,7 @@ class _MLXGeneration(Generation):
 
         p = self._params
         if p.seed is not None:
-            mx.random.seed(p.seed)
+            mx.random.seed(p.seed % 2**64)
         sampler = make_sampler(temp=p.temperature, top_p=p.top_p or 0.0, top_k=p.top_k or 0)
         start = self._caches[0].offset  # the reused prefix: only the rest is prefilled
         steps = generate_step(

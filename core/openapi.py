@@ -18,6 +18,7 @@ _STATUSES = {
     413: "Body too large",
     429: "Queue full or too many sessions",
     500: "Internal error",
+    503: "The pipeline is not ready",
 }
 
 
@@ -45,7 +46,7 @@ def openapi(title: str, version: str, routes: Iterable[tuple[str, RouteDoc]]) ->
             ok["content"]["application/json"] = {"schema": refs[(r.response, "validation")]}
         if r.streams:
             ok["content"]["text/event-stream"] = {"schema": {"type": "string", "description": "Server-sent events (with stream: true)."}}
-        op["responses"] = {"200": ok}
+        op["responses"] = {str(r.ok): ok}
         if r.error is not None:
             for status in r.statuses:
                 op["responses"][str(status)] = {"description": _STATUSES.get(status, "Error"), "content": {"application/json": {"schema": refs[(r.error, "validation")]}}}

@@ -72,7 +72,7 @@ class Pipeline:
         self._entry: trio.MemorySendChannel[Incoming] | None = None
         self._inflight: set[RequestHandle] = set()
         #: Where this pipeline keeps state across restarts (KV blocks, agents); None: nothing on disk.
-        self.state_dir: Path | None = None
+        self.state_dir: Path | None = self._disk_root() if config.cache.disk_mb > 0 else None
 
     @property
     def ready(self) -> bool:
@@ -136,6 +136,14 @@ class Pipeline:
         log.info("loading model %s with %s", spec.name, spec.plugin)
         return await worker.call(loader.load, spec.source, options, context)
 
+    def _disk_root(self) -> Path:
+        """``cache.disk_dir`` (relative to the pipeline file), or the user cache folder's ``kv``."""
+        disk_dir = self.config.cache.disk_dir
+        root = Path(disk_dir).expanduser() if disk_dir else cache_dir() / "kv"
+        if disk_dir and not root.is_absolute() and self.base_dir is not None:
+            root = self.base_dir / root
+        return root
+
     async def _build_cache(self) -> BlockCache:
         """The block pool for the loaded model, and its disk store with the index rebuilt."""
         cfg, model = self.config.cache, self.model
@@ -147,10 +155,7 @@ class Pipeline:
             policy=policies.factory(),
             metrics=self.context.metrics,
         )
-        root = Path(cfg.disk_dir).expanduser() if cfg.disk_dir else cache_dir() / "kv"
-        if cfg.disk_dir and not root.is_absolute() and self.base_dir is not None:
-            root = self.base_dir / root
-        self.state_dir = root if cfg.disk_mb > 0 else None
+        root = self._disk_root()
         if model.info.pageable and cfg.disk_mb > 0:
             disk = DiskStore(
                 root / cache.root.hex(),

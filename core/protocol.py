@@ -14,7 +14,7 @@ class RouteDoc:
 
     ``request`` validates the JSON body (None: no body); ``response`` is the JSON reply;
     ``error`` the protocol's error body, for the ``statuses`` it may come with; ``streams``:
-    with ``stream: true`` the reply is ``text/event-stream``.
+    with ``stream: true`` the reply is ``text/event-stream``; ``ok``: the success status.
     """
 
     method: str
@@ -24,7 +24,8 @@ class RouteDoc:
     response: Any = None
     error: Any = None
     streams: bool = False
-    statuses: tuple[int, ...] = (400, 401, 404, 413, 429, 500)
+    statuses: tuple[int, ...] = (400, 401, 404, 413, 429, 500, 503)
+    ok: int = 200
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from pydantic import BaseModel, Field
-from quart import Response
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -45,6 +45,25 @@ def create_app(pipeline: Pipeline) -> QuartTrio:
     app.config["BODY_TIMEOUT"] = 120
     for name in pipeline.config.protocols:
         app.register_blueprint(pipeline.registry.protocols[name].blueprint(pipeline))
+
+    @app.before_request
+    async def take_the_body() -> None:
+        """Read the whole request body before any handler can answer, a quick refusal included:
+        Hypercorn (0.18, HTTP/1.1) stalls a kept-alive connection for good when a request's body
+        arrives after its response was sent, and SDK clients reuse their connections."""
+        if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+            try:
+                await request.get_data()
+            except HTTPException:  # too large or too slow: the handler answers that in its own format
+                g.unread_body = True
+
+    @app.after_request
+    async def close_after_unread_body(response: Response) -> Response:
+        """A body left unread means the connection cannot carry another request: say so, so the
+        client opens a new one instead of waiting on this one."""
+        if g.get("unread_body"):
+            response.headers["connection"] = "close"
+        return response
 
     @app.get("/")
     async def root() -> Response:

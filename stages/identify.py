@@ -14,7 +14,14 @@ from semantic.errors import ErrorKind, RequestError
 from semantic.items import Identified, Incoming
 from semantic.stage import NoSettings, Stage
 
-AGENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+AGENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def valid_agent_hint(hint: str, protocol: str) -> bool:
+    """An explicit agent id: 1-128 of ``A-Z a-z 0-9 . _ : -``. A protocol may keep its own
+    namespace as ``<protocol>/<id>`` (the direct agent API does); no other protocol can name it."""
+    namespace, slash, name = hint.rpartition("/")
+    return AGENT_ID.fullmatch(name) is not None and (not slash or namespace == protocol)
 
 
 class IdentifySettings(NoSettings):
@@ -60,7 +67,7 @@ class Identify(Stage):
             raise RequestError(ErrorKind.INVALID_REQUEST, f"{where}: text is not valid Unicode (unpaired surrogate)")
         if not item.prefill_only and not any(m.role != "system" for m in item.messages):
             raise RequestError(ErrorKind.INVALID_REQUEST, "messages: at least one user message is required")
-        if item.agent_hint is not None and not AGENT_ID.match(item.agent_hint):
+        if item.agent_hint is not None and not valid_agent_hint(item.agent_hint, item.protocol):
             raise RequestError(ErrorKind.INVALID_REQUEST, "agent id: 1-128 characters of A-Z a-z 0-9 . _ : -")
         agent = item.agent_hint or content_agent_id(item, self.settings.hash_messages)
         if agent not in self.active and len(self.active) >= limits.max_concurrent_sessions:

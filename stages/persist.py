@@ -70,6 +70,7 @@ class Persist(Stage):
                     metrics.inc("disk_writes_skipped")
                     continue
                 disk, payload = cache.disk, block.payload
+                cache.writing.add(new.block_hash)
                 try:
                     arrays = await worker.call(cache.model.kv_to_arrays, payload)
                     written = await trio.to_thread.run_sync(disk.write, new.block_hash, new.parent, new.depth, new.tokens, arrays)
@@ -78,6 +79,11 @@ class Persist(Stage):
                 except Exception:
                     log.exception("writing KV block %s failed", new.block_hash.hex())
                     metrics.inc("disk_write_failures")
+                finally:
+                    cache.writing.discard(new.block_hash)
+                if new.block_hash in cache.forgotten:  # its agent was deleted while it was written
+                    cache.forgotten.discard(new.block_hash)
+                    await trio.to_thread.run_sync(disk.remove, new.block_hash)
                 metrics.counters["cache_disk_bytes"] = disk.nbytes
                 metrics.counters.update(disk.counters)
 

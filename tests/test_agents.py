@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pipeline_helpers import events_of, pipeline_yaml
 
+from semantic.errors import RequestError
 from semantic.model import ChatMessage, ToolCall, ToolSpec
 from semantic.plugins.agents.store import AgentRecord, AgentStore
 
@@ -41,7 +42,7 @@ def error_of(r: httpx.Response, status: int) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("agents")
-    path = pipeline_yaml(folder, script=SCRIPT, options={"token_delay_s": 0.005}, cache={"disk_dir": str(folder / "kv"), "disk_mb": 64})
+    path = pipeline_yaml(folder, script=SCRIPT, options={"token_delay_s": 0.01}, cache={"disk_dir": str(folder / "kv"), "disk_mb": 64})
     s = ServerProcess(path)
     s.folder = folder
     yield s
@@ -98,7 +99,9 @@ def test_a_streamed_turn_sends_named_events_and_is_appended_when_complete(client
     create(client, id="streamer", system=SYSTEM)
     r = client.post("/v1/agents/streamer/messages", json={"content": "stream this", "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = events_of(r.text)
+    events = [(name, data) for name, data in events_of(r.text)]
+    while events[0][0] == "ping":  # (while queued)
+        events.pop(0)
     names = [name for name, _ in events]
     assert names[0] == "message_start" and names[-1] == "message_stop" and set(names[1:-1]) <= {"text_delta", "ping"}
     assert all(data["type"] == name for name, data in events)
@@ -158,10 +161,10 @@ def test_bad_requests_get_clear_errors_and_change_nothing(client):
 
 def test_one_turn_per_agent_at_a_time_and_an_abandoned_turn_changes_nothing(server, client):
     create(client, id="busy", system=SYSTEM)
-    long = "tell me " + "more and more " * 30
+    long = "tell me " + "more and more " * 30  # echoed back: 256 tokens (the cap) at 10 ms each
     with httpx.stream("POST", f"{server.url}/v1/agents/busy/messages", json={"content": long, "stream": True}, timeout=60) as r:
         lines = r.iter_lines()
-        assert next(lines) == "event: message_start"
+        assert next(line for line in lines if line.startswith("event: message")) == "event: message_start"
         assert "busy" in error_of(client.post("/v1/agents/busy/messages", json={"content": "me too"}), 409)
         assert "busy" in error_of(client.delete("/v1/agents/busy"), 409)
         # leave mid-reply: the exchange is not appended
@@ -206,10 +209,32 @@ def test_delete_frees_the_agents_own_blocks_in_memory_and_on_disk_and_keeps_shar
     create(client, id="twin-a", system="The id can be used again.")
 
 
+def test_agent_ids_are_their_own_namespace(client):
+    create(client, id="named", system=SYSTEM)
+    say(client, "named", "my own turn")
+    memory = ("tokens", "memory_blocks", "memory_bytes")  # (its blocks reach the disk meanwhile)
+    before = {k: client.get("/v1/agents/named").json()["cache"][k] for k in memory}
+    chat = {"model": "claude-test-1", "max_tokens": 8, "messages": [{"role": "user", "content": "someone else entirely"}]}
+    r = client.post("/v1/chat/completions", json={**chat, "session_id": "named"})  # an OpenAI session of the same name
+    assert r.status_code == 200, r.text
+    assert {k: client.get("/v1/agents/named").json()["cache"][k] for k in memory} == before  # its tail and blocks are untouched
+    r = client.post("/v1/chat/completions", json={**chat, "session_id": "agents/named"})
+    assert "agent id" in error_of(r, 400)
+    r = client.post("/v1/messages", json={**chat, "model": "claude-test-1"}, headers={"x-agent-id": "agents/named"})
+    assert r.status_code == 400 and r.json()["type"] == "error"
+
+
+def test_ids_are_unique_without_regard_to_case(client):
+    create(client, id="CaseAgent")
+    assert "exists already" in error_of(client.post("/v1/agents", json={"id": "caseagent"}), 409)
+    assert error_of(client.get("/v1/agents/caseagent"), 404)
+
+
 def test_the_api_is_in_the_openapi_document(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths["/v1/agents"]) == {"get", "post"}
     assert set(paths["/v1/agents/{agent_id}"]) == {"get", "delete"}
+    assert "201" in paths["/v1/agents"]["post"]["responses"]
     turn = paths["/v1/agents/{agent_id}/messages"]["post"]
     assert "text/event-stream" in turn["responses"]["200"]["content"] and "409" in turn["responses"]
 
@@ -261,6 +286,21 @@ async def _store_checks(tmp_path: Path) -> None:
     await again.remove("two")
     assert not (tmp_path / "two.json").exists()
     again.begin("four", new=True).end()
+    with pytest.raises(Exception, match="exists already"):
+        again.begin("ONE", new=True)
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    broken = AgentStore(blocked / "agents", limit=2)  # its folder cannot be made
+    with pytest.raises(RequestError, match="nothing was changed"):
+        await broken.save(AgentRecord("x", "m"))
+    with pytest.raises(RequestError):
+        broken.get("x")
+
+    with trio.CancelScope() as scope:  # the client leaves while the record is written
+        scope.cancel()
+        await again.save(AgentRecord("five", "m", turns=7))
+    assert again.get("five").turns == 7 and json.loads((tmp_path / "five.json").read_text())["turns"] == 7
 
 
 # --- the embedded model, across a restart ---------------------------------------------------------
@@ -304,6 +344,8 @@ def test_lifecycle_on_the_embedded_model_across_a_restart(tmp_path, smollm):
             if now["disk_blocks"] >= now["memory_blocks"]:
                 break
             time.sleep(0.05)
+        else:
+            raise AssertionError(now)
         r = c.delete("/v1/agents/baker")
         freed = r.json()["freed"]
         assert r.status_code == 200 and freed["disk_blocks"] > 0 and freed["memory_blocks"] > 0 and freed["shared_blocks_kept"] == 0

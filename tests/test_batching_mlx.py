@@ -83,6 +83,9 @@ def test_same_seed_same_output_whatever_else_is_in_the_batch(mlx, smollm):
     batched = mlx.run_sync(partial(run_engine, join_every=2), smollm, crowd)[0][0]
     other = mlx.run_sync(run_engine, smollm, [SequenceSpec(0, ps[1], None, 0, SamplingParams(max_tokens=24, temperature=0.9, seed=99))])[0][0]
     assert batched == alone and other != alone
+    # clients send any integer (OpenAI's seed is signed): taken modulo 2**64, never a failure
+    wrapped = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=40, seed=1234 - 2**64)
+    assert mlx.run_sync(run_engine, smollm, [SequenceSpec(0, ps[1], None, 0, wrapped)])[0][0] == alone
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(mlx, smollm):

@@ -213,3 +213,33 @@ def test_tampered_tokens_are_refused_on_read(tmp_path):
     raw = path.read_bytes().replace(b"[1, 2, 3, 4]", b'["a", 2, 3, 4]')
     path.write_bytes(raw)
     assert disk.read(h) is None and disk.counters["disk_quarantined"] == 1
+
+
+def test_forgetting_an_agent_frees_its_own_blocks_and_keeps_chains_that_others_continue(scripted, tmp_path):
+    model = scripted()
+    mine = list(range(30, 43))  # 3 full blocks, and a tail
+    theirs = [*mine[:12], *range(60, 69)]  # the same 3 blocks, then 2 of its own
+
+    async def first_life():
+        async with stage_context(model=model, block_tokens=BT, disk=_disk_for(model, tmp_path)) as ctx:
+            for prompt, agent in ((mine, "a"), (theirs, "b")):
+                (item,) = await run_stage(CacheLookup(None, ctx), [_tokenized(prompt, agent)])
+                await run_stage(Persist(None, ctx), [_finished(item)])
+            return ctx.cache.chains["a"], ctx.cache.chains["b"]
+
+    chain_a, chain_b = trio.run(first_life)
+    assert chain_b[:3] == chain_a and len(chain_b) == 5
+
+    async def second_life():  # after a restart: the blocks are on disk only, with no owners
+        disk = _disk_for(model, tmp_path)
+        disk.scan()
+        async with stage_context(model=model, block_tokens=BT, disk=disk) as ctx:
+            kept_for_b = await ctx.cache.forget("a", chain_a)
+            files_after_a = len(disk.entries)
+            freed_b = await ctx.cache.forget("b", chain_b)
+            return kept_for_b, files_after_a, freed_b, len(disk.entries), list(tmp_path.glob("*.safetensors"))
+
+    kept_for_b, files_after_a, freed_b, files_left, on_disk = trio.run(second_life)
+    # b's blocks continue from a's last block: a's whole chain stays, or b's would be unreachable
+    assert kept_for_b.disk_blocks == 0 and kept_for_b.shared_blocks_kept == 3 and files_after_a == 5
+    assert freed_b.disk_blocks == 5 and freed_b.disk_bytes > 0 and files_left == 0 and on_disk == []

@@ -79,8 +79,14 @@ def usage_out(u: Usage) -> UsageOut:
     return UsageOut(prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens, output_tokens=u.output_tokens, cache_created_tokens=u.cache_created_tokens)
 
 
+def cache_id(agent_id: str) -> str:
+    """The agent as the pipeline and the cache know it: in this protocol's own namespace, which
+    no other protocol's session or agent id can name."""
+    return f"agents/{agent_id}"
+
+
 def check_id(agent_id: str) -> str:
-    if not AGENT_ID.match(agent_id):
+    if not AGENT_ID.fullmatch(agent_id):
         raise RequestError(ErrorKind.INVALID_REQUEST, f"invalid agent id: {AGENT_ID_RULE}")
     return agent_id
 
@@ -125,20 +131,12 @@ class _Exchange:
 
     async def complete(self, finished: Finished) -> AgentReply:
         """The reply is whole: append the exchange to the conversation and keep it."""
-        record = self.record
-        before = (len(record.conversation), record.turns, record.last_used_at, record.chain, set(record.blocks))
         reply = ChatMessage("assistant", "".join(self.text), tuple(self.calls))
-        record.conversation.extend([*self.appended, reply])
-        record.turns += 1
-        record.last_used_at = time.time()
-        record.note_cache(self.api.chain(record.id))
-        try:
-            await self.api.store.save(record)
-        except OSError:  # the client is told it failed, so the conversation must not have changed
-            log.exception("saving agent %s failed", record.id)
-            n, record.turns, record.last_used_at, record.chain, record.blocks = before
-            del record.conversation[n:]
-            raise RequestError(ErrorKind.INTERNAL, "the agent could not be saved; its conversation is unchanged") from None
+        old = self.record
+        record = self.record = old.with_cache(
+            self.api.chain(old.id), conversation=[*old.conversation, *self.appended, reply], turns=old.turns + 1, last_used_at=time.time()
+        )
+        await self.api.store.save(record)  # a failure leaves the agent as it was
         reason = "tool_use" if self.calls and finished.stop_reason == "end_turn" else finished.stop_reason
         return AgentReply(
             id=self.id,
@@ -155,10 +153,17 @@ class _Exchange:
 
 async def _stream(ex: _Exchange, first_ev: Event | None, turn: Turn) -> AsyncIterator[str]:
     try:
-        usage = first_ev.usage if isinstance(first_ev, Started) else Usage()
+        ev = first_ev
+        while ev is None:  # queued or prefilling: pings until the prompt's usage is known
+            yield sse("ping", {})
+            ev = await ex.handle.next_event(KEEPALIVE_S)
+            if ev is None and ex.handle.done:
+                yield sse("error", error_body(RequestError(ErrorKind.INTERNAL, "the response ended early"), ex.handle.id))
+                return
+        usage = ev.usage if isinstance(ev, Started) else Usage()
         yield sse("message_start", {"id": ex.id, "agent_id": ex.record.id, "model": ex.record.model, "usage": {"prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.cached_tokens}})
         wrote = trio.current_time()
-        ev = first_ev if not isinstance(first_ev, Started) else None
+        ev = None if isinstance(ev, Started) else ev
         while True:
             if ev is None:
                 ev = await ex.handle.next_event(KEEPALIVE_S)
@@ -180,6 +185,7 @@ async def _stream(ex: _Exchange, first_ev: Event | None, turn: Turn) -> AsyncIte
                 for name, data in ex.parts("", final=True):
                     yield sse(name, data)
                 reply = await ex.complete(ev)
+                turn.end()  # the agent is free before the client hears it is done
                 yield sse("message_stop", {"message": reply.model_dump()})
                 return
             elif isinstance(ev, Failed):
@@ -209,11 +215,11 @@ class _AgentAPI:
 
     def chain(self, agent_id: str) -> tuple[bytes, ...] | None:
         cache = self.pipeline.context.cache
-        return cache.chains.get(agent_id) if cache is not None else None
+        return cache.chains.get(cache_id(agent_id)) if cache is not None else None
 
     def out(self, record: AgentRecord, *, detail: bool = False, prefill: Usage | None = None) -> AgentOut:
         cache = self.pipeline.context.cache
-        fp = cache.footprint(record.id, record.chain, record.blocks) if cache is not None else None
+        fp = cache.footprint(cache_id(record.id), record.chain, record.blocks) if cache is not None else None
         fields: dict[str, Any] = dict(
             id=record.id,
             model=record.model,
@@ -247,7 +253,7 @@ class _AgentAPI:
             fit_context=req.max_tokens is None,
         )
 
-    async def prefill(self, record: AgentRecord, size: int) -> Usage | None:
+    async def prefill(self, record: AgentRecord, size: int) -> tuple[AgentRecord, Usage | None]:
         """Prefill and cache what every turn of the new agent starts with (its system prompt)."""
         item = Incoming(
             request=self.pipeline.new_request(),
@@ -256,7 +262,7 @@ class _AgentAPI:
             messages=tuple(record.messages()),
             params=SamplingParams(max_tokens=1, temperature=0.0),
             tools=record.tools,
-            agent_hint=record.id,
+            agent_hint=cache_id(record.id),
             request_bytes=size,
             prefill_only=True,
         )
@@ -265,19 +271,18 @@ class _AgentAPI:
             _text, finished = await item.request.result()
         except RequestError as e:
             if e.kind is ErrorKind.INVALID_REQUEST and not record.system and not record.tools:
-                return None  # a template with nothing before the first user message: nothing to cache
+                return record, None  # a template with nothing before the first user message: nothing to cache
             raise
         finally:
             item.request.cancel()
-        record.note_cache(self.chain(record.id))
-        return finished.usage
+        return record.with_cache(self.chain(record.id)), finished.usage
 
     async def forget(self, record: AgentRecord) -> FreedOut:
         cache = self.pipeline.context.cache
         if cache is None:
             return FreedOut(memory_blocks=0, disk_blocks=0, memory_bytes=0, disk_bytes=0, shared_blocks_kept=0)
         others = set().union(*(r.blocks for r in self.store.all() if r.id != record.id))
-        freed = await cache.forget(record.id, record.blocks, keep=others)
+        freed = await cache.forget(cache_id(record.id), record.blocks, keep=others)
         return FreedOut(
             memory_blocks=freed.memory_blocks,
             disk_blocks=freed.disk_blocks,
@@ -313,7 +318,7 @@ def blueprint(pipeline: Any) -> Blueprint:
             )
             turn = store.begin(record.id, new=True)
             try:
-                usage = await api.prefill(record, size)
+                record, usage = await api.prefill(record, size)
                 await store.save(record)
             finally:
                 turn.end()
@@ -338,8 +343,9 @@ def blueprint(pipeline: Any) -> Blueprint:
             record = store.get(check_id(agent_id))
             turn = store.begin(agent_id)
             try:
-                await store.remove(agent_id)
-                freed = await api.forget(record)
+                with trio.CancelScope(shield=True):  # all of it, or (the file stays) nothing
+                    await store.remove(agent_id)
+                    freed = await api.forget(record)
             finally:
                 turn.end()
             return _json(AgentDeleted(id=agent_id, freed=freed))
@@ -365,7 +371,7 @@ def blueprint(pipeline: Any) -> Blueprint:
                 messages=tuple(record.messages() + appended),
                 params=api.params(req),
                 tools=record.tools,
-                agent_hint=agent_id,
+                agent_hint=cache_id(agent_id),
                 request_bytes=size,
             )
             parser = pipeline.model.chat_format.parser(record.tools, thinking=False, new_id=lambda: new_call_id("call_"))

@@ -52,7 +52,7 @@ class MessageIn(_Open):
         return self
 
 
-Stop = str | Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=32)] | None
+Stop = Annotated[str, Field(max_length=256)] | Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=32)] | None
 
 
 class TurnRequest(_Open):

@@ -2,18 +2,21 @@
 
 A record keeps what the server needs to continue the agent after a restart: system prompt,
 tools, conversation, and which KV blocks it stored (so its cache can be reported and freed).
-Files are written atomically (temporary file, fsync, rename); a file that cannot be read back
-is skipped with a warning, never a reason not to start.
+Files are written atomically (temporary file, fsync, rename) before memory changes, shielded
+from cancellation, so what a client was told and what survives a restart agree. A file that
+cannot be read back is skipped with a warning, never a reason not to start. Ids are unique
+without regard to case (file names on macOS are case-insensitive).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +51,11 @@ class AgentRecord:
         """The whole conversation as the model sees it (system prompt first, if any)."""
         return ([ChatMessage("system", self.system)] if self.system else []) + self.conversation
 
-    def note_cache(self, chain: tuple[BlockHash, ...] | None) -> None:
-        """Take the chain of blocks the cache just stored for this agent."""
-        if chain is not None:
-            self.chain = chain
-            self.blocks.update(chain)
+    def with_cache(self, chain: tuple[BlockHash, ...] | None, **changes: Any) -> AgentRecord:
+        """A copy with ``changes`` and the chain of blocks the cache just stored for this agent."""
+        if chain is None:
+            return replace(self, **changes, blocks=set(self.blocks))
+        return replace(self, **changes, chain=chain, blocks=self.blocks | set(chain))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,8 +77,10 @@ class AgentRecord:
     def from_json(cls, data: dict[str, Any]) -> AgentRecord:
         if data.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} record")
-        if not isinstance(data.get("id"), str) or not AGENT_ID.match(data["id"]):
+        if not isinstance(data.get("id"), str) or not AGENT_ID.fullmatch(data["id"]):
             raise ValueError("bad agent id")
+        if not all(math.isfinite(float(data[k])) for k in ("created_at", "last_used_at")):
+            raise ValueError("bad times")
         return cls(
             id=data["id"],
             model=str(data["model"]),
@@ -106,7 +111,10 @@ def _message_of(d: dict[str, Any]) -> ChatMessage:
     if d.get("role") not in ("user", "assistant", "tool"):
         raise ValueError("bad role")
     calls = tuple(ToolCall(str(c["id"]), str(c["name"]), str(c["arguments"])) for c in d.get("tool_calls", ()))
-    return ChatMessage(d["role"], str(d["content"]), calls, d.get("tool_call_id"), d.get("name"))
+    call_id, name = d.get("tool_call_id"), d.get("name")
+    if not isinstance(call_id, str | None) or not isinstance(name, str | None):
+        raise ValueError("bad tool message")
+    return ChatMessage(d["role"], str(d["content"]), calls, call_id, name)
 
 
 class Turn:
@@ -120,7 +128,8 @@ class Turn:
     def end(self) -> None:
         if self._open:
             self._open = False
-            self._store._busy.discard(self.agent_id)
+            self._store._busy.discard(self.agent_id.lower())
+            self._store._creating.discard(self.agent_id.lower())
 
 
 class AgentStore:
@@ -130,7 +139,9 @@ class AgentStore:
         self.folder = folder
         self.limit = limit
         self._agents: dict[str, AgentRecord] = {}
-        self._busy: set[str] = set()
+        self._busy: set[str] = set()  # lower-cased ids, as every id set here
+        self._creating: set[str] = set()
+        self._ids: set[str] = set()
 
     def load(self) -> int:
         """Read every record in the folder (blocking; at start-up). Returns how many."""
@@ -141,12 +152,13 @@ class AgentStore:
         for path in sorted(self.folder.glob("*.json")):
             try:
                 record = AgentRecord.from_json(json.loads(path.read_text(encoding="utf-8")))
-                if path.stem != record.id:
+                if path.stem != record.id or record.id.lower() in self._ids:
                     raise ValueError("file name and id differ")
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            except Exception as e:  # whatever is in the file, the server starts
                 log.warning("skipping unreadable agent record %s (%s)", path.name, type(e).__name__)
                 continue
             self._agents[record.id] = record
+            self._ids.add(record.id.lower())
         return len(self._agents)
 
     def __len__(self) -> int:
@@ -163,26 +175,44 @@ class AgentStore:
 
     def begin(self, agent_id: str, *, new: bool = False) -> Turn:
         """Mark the agent busy (409 if it is). ``new``: it must not exist yet, and there must be room."""
-        if agent_id in self._busy:
+        key = agent_id.lower()
+        if key in self._busy:
             raise RequestError(ErrorKind.CONFLICT, f"agent {agent_id!r} is busy with another request; retry when it is done")
-        if new and agent_id in self._agents:
-            raise RequestError(ErrorKind.CONFLICT, f"agent {agent_id!r} exists already")
-        if new and len(self._agents) >= self.limit:
+        if new and (key in self._ids or key in self._creating):
+            raise RequestError(ErrorKind.CONFLICT, f"agent {agent_id!r} exists already (ids are compared without case)")
+        if new and len(self._agents) + len(self._creating) >= self.limit:
             raise RequestError(ErrorKind.CONFLICT, f"the server keeps at most {self.limit} agents; delete some first")
-        self._busy.add(agent_id)
+        self._busy.add(key)
+        if new:
+            self._creating.add(key)
         return Turn(self, agent_id)
 
     async def save(self, record: AgentRecord) -> None:
-        """Keep ``record`` (and write its file, off the event loop)."""
-        self._agents[record.id] = record
-        if self.folder is not None:
-            await trio.to_thread.run_sync(self._write, record.id, json.dumps(record.to_json(), ensure_ascii=False))
+        """Write ``record``'s file, then keep it in memory; neither changes if the write fails
+        (``RequestError``), and a client leaving meanwhile does not cut it in half."""
+        text = json.dumps(record.to_json(), ensure_ascii=False)
+        with trio.CancelScope(shield=True):
+            if self.folder is not None:
+                try:
+                    await trio.to_thread.run_sync(self._write, record.id, text)
+                except OSError as e:
+                    log.error("saving agent %s failed: %s", record.id, type(e).__name__)
+                    raise RequestError(ErrorKind.INTERNAL, "the agent could not be saved; nothing was changed") from None
+            self._agents[record.id] = record
+            self._ids.add(record.id.lower())
 
     async def remove(self, agent_id: str) -> None:
-        self._agents.pop(agent_id, None)
-        if self.folder is not None:
-            path = self.folder / f"{agent_id}.json"
-            await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+        """Delete the agent's file, then forget it; neither happens if the file cannot go."""
+        with trio.CancelScope(shield=True):
+            if self.folder is not None:
+                path = self.folder / f"{agent_id}.json"
+                try:
+                    await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+                except OSError as e:
+                    log.error("deleting agent %s failed: %s", agent_id, type(e).__name__)
+                    raise RequestError(ErrorKind.INTERNAL, "the agent's file could not be deleted; nothing was changed") from None
+            self._agents.pop(agent_id, None)
+            self._ids.discard(agent_id.lower())
 
     def _write(self, agent_id: str, text: str) -> None:
         assert self.folder is not None

@@ -62,7 +62,7 @@ class StreamOptions(_Open):
     include_usage: bool = False
 
 
-Stop = str | Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=32)] | None
+Stop = Annotated[str, Field(max_length=256)] | Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=32)] | None
 
 
 class _Sampling(_Open):
