@@ -26,7 +26,7 @@ from .errors import ErrorKind, RequestError
 from .eviction import EvictionPolicy
 from .items import Generated, Tokenized
 from .kv_store import KVStore, common_prefix_len
-from .model import Model
+from .model import KVState, Model, PendingJoin
 from .stage import Metrics
 from .worker import MLXWorker
 
@@ -152,8 +152,9 @@ class BlockCache:
                 if n > over:
                     pieces.append((payload, n - over))
             length = sum(n for _, n in pieces)
-            if length:
-                item.prefix = await worker.call(self.model.join_kv, pieces, prompt)
+            if length:  # joined by decode on the worker, as the sequence starts
+                nbytes = length * self.model.info.kv_bytes_per_token
+                item.prefix = KVState(tuple(prompt[:length]), PendingJoin(tuple(pieces)), nbytes, exclusive=True)
                 item.prefix_len = length
                 self.metrics.inc("cache_hits")
                 self.metrics.inc("cache_hit_tokens", length)

@@ -65,6 +65,22 @@ class KVState:
     exclusive: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class PendingJoin:
+    """A :class:`KVState` payload still in pieces: (block payload, tokens of it used) from the
+    cache. Decode joins it on the MLX worker when the sequence starts, in the same job as the
+    step, so a warm request does not wait a whole decode step for a join of its own."""
+
+    pieces: tuple[tuple[Any, int], ...]
+
+
+def joined(model: Model, state: KVState | None) -> KVState | None:
+    """``state`` with its pending join done (MLX worker only); other states as they are."""
+    if state is None or not isinstance(state.payload, PendingJoin):
+        return state
+    return model.join_kv(list(state.payload.pieces), state.tokens)
+
+
 class StreamDecoder(Protocol):
     """Turns token ids into text incrementally (multi-byte characters held until whole)."""
 

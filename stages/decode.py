@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 from pydantic import Field
@@ -23,7 +23,7 @@ from semantic.batching import BatchEngine, BatchOptions, SeqEvent, SequenceSpec
 from semantic.detokenize import IncrementalDecoder
 from semantic.errors import ErrorKind, RequestError
 from semantic.items import Generated, Tokenized
-from semantic.model import KVState
+from semantic.model import KVState, joined
 from semantic.request import Started, TextDelta, Usage
 from semantic.stage import NoSettings, Stage
 from semantic.stops import StopMatcher
@@ -42,6 +42,13 @@ class DecodeSettings(NoSettings):
     )
     idle_whole_tokens: int = Field(
         4096, ge=0, le=65536, description="While nothing decodes, prompts arriving (up to this many tokens in all) are prefilled together."
+    )
+    idle_gather_ms: float = Field(
+        50,
+        ge=0,
+        le=1000,
+        description="While nothing decodes, a prompt needing a long prefill waits until no other has arrived for this long "
+        "(at most 5 times it in all), so a burst of new agents is prefilled together.",
     )
     prefill_share: float = Field(
         1.5,
@@ -74,12 +81,12 @@ class _StepResult:
 
 
 def _step_job(engine: BatchEngine, removals: list[int], adds: list[SequenceSpec]) -> _StepResult:
-    """On the worker thread: remove, add, step."""
+    """On the worker thread: remove, add (joining cached prefixes), step."""
     removed = engine.remove(removals) if removals else {}
     errors: dict[int, BaseException] = {}
     for spec in adds:
         try:
-            engine.add(spec)
+            engine.add(replace(spec, prefix=joined(engine.model, spec.prefix)))
         except Exception as e:  # this request cannot start (bad cache, bad parameters): it alone fails
             errors[spec.seq_id] = e
     try:
@@ -138,12 +145,27 @@ class Decode(Stage):
                 await outbox.send(item)
 
     async def _take(self, inbox, wait: bool) -> bool:
-        """Move arrivals into the batch while it has room; False once the inbox is closed."""
+        """Move arrivals into the batch while it has room; False once the inbox is closed.
+
+        On an idle engine, a prompt that needs a long prefill waits for more arrivals (the
+        ``idle_gather_ms`` gap) so that a burst is prefilled in one batch, not one by one.
+        """
         room = self.options.max_batch - len(self._seqs)
+        idle, gap = not self._seqs, self.settings.idle_gather_ms / 1000
+        gather_until = cap = None
         tried_again = False
         while room > 0:
             try:
-                item = await inbox.receive() if wait else inbox.receive_nowait()
+                if wait:
+                    item = await inbox.receive()
+                elif gather_until is not None and not tried_again:
+                    item = None
+                    with trio.move_on_at(min(gather_until, cap)):
+                        item = await inbox.receive()
+                    if item is None:
+                        return True
+                else:
+                    item = inbox.receive_nowait()
             except trio.WouldBlock:
                 if tried_again:
                     return True
@@ -156,7 +178,16 @@ class Decode(Stage):
             if not item.request.done:
                 self._join(item)
                 room -= 1
+                now = trio.current_time()
+                if gather_until is not None:
+                    gather_until = now + gap
+                elif idle and gap > 0 and self._long_prefill(item):
+                    gather_until, cap = now + gap, now + 5 * gap
         return True
+
+    def _long_prefill(self, item: Tokenized) -> bool:
+        cached = item.prefix_len if item.prefix is not None else 0
+        return len(item.prompt_tokens) - cached > self.options.whole_prompt
 
     def _join(self, item: Tokenized) -> None:
         seq_id = next(self._ids)

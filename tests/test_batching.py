@@ -167,7 +167,7 @@ class _BrokenStep:
     """A batch engine whose next step raises, as a crashed MLX step would."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.stats = inner, inner.stats
+        self.inner, self.stats, self.model = inner, inner.stats, inner.model
 
     def add(self, spec):
         self.inner.add(spec)

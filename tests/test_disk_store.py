@@ -13,7 +13,7 @@ from semantic.block_pool import hash_blocks, root_hash
 from semantic.disk_store import DiskStore
 from semantic.harness import incoming, run_stage, stage_context
 from semantic.items import Generated, Tokenized
-from semantic.model import KVState
+from semantic.model import KVState, joined
 from semantic.plugins.eviction import LRU
 from semantic.stages.cache_lookup import CacheLookup
 from semantic.stages.persist import Persist
@@ -162,6 +162,7 @@ def test_blocks_written_by_persist_are_found_after_a_restart(scripted, tmp_path)
         async with stage_context(model=model, block_tokens=BT, disk=disk) as ctx:
             (item,) = await run_stage(CacheLookup(None, ctx), [_tokenized([*prompt, 1, 2], agent="new")])
             item.request.cancel()
+            item.prefix = await ctx.worker.call(joined, model, item.prefix)  # as decode does when it starts
             return item, ctx
 
     counters = trio.run(first_life)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import trio
 import trio.testing
@@ -385,3 +387,39 @@ def test_persist_stores_new_blocks_and_the_tail(scripted):
     assert "a" not in ctx.cache.tails  # 12 tokens: no partial tail left
 
 
+
+
+def test_decode_gathers_a_burst_of_long_prompts_on_an_idle_engine(scripted):
+    """Prompts needing a long prefill that arrive a little apart on an idle engine start in one
+    step (prefilled together); once the batch runs, arrivals join without waiting."""
+    model = scripted(reply="ok")
+    added: list[int] = []  # engine steps taken when each sequence was added
+
+    async def main(gap_ms: float):
+        async with stage_context(model=model) as ctx:
+            stage = Decode(DecodeSettings(whole_prompt=16, idle_gather_ms=gap_ms), ctx)
+            in_send, in_recv = trio.open_memory_channel(0)
+            out_send, out_recv = trio.open_memory_channel(math.inf)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stage.run, in_recv, out_send)
+                engine = stage.engine
+                steps, add, step = [0], engine.add, engine.step
+
+                def counted_step():
+                    steps[0] += 1
+                    return step()
+
+                engine.add = lambda spec: (added.append(steps[0]), add(spec))[1]
+                engine.step = counted_step
+                async with in_send:
+                    for i in range(3):
+                        item = incoming("a long question, number %d, well past sixteen tokens" % i)
+                        await in_send.send(item.advance(Tokenized, agent_id=f"a{i}", prompt_tokens=tuple(model.tokenizer.encode_chat(item.messages))))
+                        await trio.sleep(0.03)
+            return [x async for x in out_recv]
+
+    assert len(trio.run(main, 100.0)) == 3
+    assert added == [0, 0, 0]  # all three before the first step
+    added.clear()
+    trio.run(main, 0.0)
+    assert added[0] == 0 and added[-1] > 0  # without gathering, the first one starts alone
