@@ -103,7 +103,8 @@ class Pipeline:
             request.cancel()  # stages that admitted it count it as gone again
             raise
         self._inflight.add(request)
-        request.on_done(self._inflight.discard)
+        self.context.in_flight += 1
+        request.on_done(self._finished)
         try:
             await self._entry.send(item)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -112,6 +113,10 @@ class Pipeline:
         except BaseException:  # the caller went away while waiting to get in
             request.cancel()
             raise
+
+    def _finished(self, request: RequestHandle) -> None:
+        self._inflight.discard(request)
+        self.context.in_flight -= 1
 
     def close(self) -> None:
         """Stop taking requests; stages finish what they hold, then end in order."""

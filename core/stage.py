@@ -67,6 +67,7 @@ class StageContext:
     accepts_model: Callable[[str], bool] = lambda name: True
     context_window: int | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    in_flight: int = 0  # requests submitted and not yet finished (kept by the pipeline)
 
     def window(self) -> int:
         """The context window clients get: the model's, or the smaller one the pipeline reports."""

@@ -47,8 +47,9 @@ class DecodeSettings(NoSettings):
         50,
         ge=0,
         le=1000,
-        description="While nothing decodes, a prompt needing a long prefill waits until no other has arrived for this long "
-        "(at most 5 times it in all), so a burst of new agents is prefilled together.",
+        description="While nothing decodes, a new prompt waits for others until none has arrived for this long (at most 5 "
+        "times it in all), so a burst of new agents is prefilled together: a prompt needing a long prefill always, a short "
+        "one while other requests are still on their way through the pipeline.",
     )
     prefill_share: float = Field(
         1.5,
@@ -147,18 +148,20 @@ class Decode(Stage):
     async def _take(self, inbox, wait: bool) -> bool:
         """Move arrivals into the batch while it has room; False once the inbox is closed.
 
-        On an idle engine, a prompt that needs a long prefill waits for more arrivals (the
-        ``idle_gather_ms`` gap) so that a burst is prefilled in one batch, not one by one.
+        On an idle engine, a new prompt waits for more arrivals (the ``idle_gather_ms`` gap) so
+        that a burst is prefilled in one batch, not one by one: one that needs a long prefill
+        always, a short one only while other requests are on their way (a lone request never waits).
         """
         room = self.options.max_batch - len(self._seqs)
         idle, gap = not self._seqs, self.settings.idle_gather_ms / 1000
         gather_until = cap = None
+        long_seen = False
         tried_again = False
         while room > 0:
             try:
                 if wait:
                     item = await inbox.receive()
-                elif gather_until is not None and not tried_again:
+                elif gather_until is not None and not tried_again and (long_seen or self._behind() > 0):
                     item = None
                     with trio.move_on_at(min(gather_until, cap)):
                         item = await inbox.receive()
@@ -179,11 +182,16 @@ class Decode(Stage):
                 self._join(item)
                 room -= 1
                 now = trio.current_time()
+                long_seen = long_seen or self._long_prefill(item)
                 if gather_until is not None:
                     gather_until = now + gap
-                elif idle and gap > 0 and self._long_prefill(item):
+                elif idle and gap > 0 and (long_seen or self._behind() > 0):
                     gather_until, cap = now + gap, now + 5 * gap
         return True
+
+    def _behind(self) -> int:
+        """Requests submitted to the pipeline that have not reached decode yet."""
+        return self.context.in_flight - len(self._seqs)
 
     def _long_prefill(self, item: Tokenized) -> bool:
         cached = item.prefix_len if item.prefix is not None else 0

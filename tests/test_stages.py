@@ -389,15 +389,24 @@ def test_persist_stores_new_blocks_and_the_tail(scripted):
 
 
 
-def test_decode_gathers_a_burst_of_long_prompts_on_an_idle_engine(scripted):
-    """Prompts needing a long prefill that arrive a little apart on an idle engine start in one
-    step (prefilled together); once the batch runs, arrivals join without waiting."""
+@pytest.mark.parametrize(
+    "whole_prompt, in_flight, gap_ms, gathered",
+    [
+        (16, 0, 100.0, True),  # long prompts: always gathered on an idle engine
+        (16, 0, 0.0, False),  # (no gathering)
+        (256, 3, 100.0, True),  # short ones: while others are on their way
+        (256, 1, 100.0, False),  # a lone short request never waits
+    ],
+)
+def test_decode_gathers_a_burst_of_new_prompts_on_an_idle_engine(scripted, whole_prompt, in_flight, gap_ms, gathered):
+    """Prompts arriving a little apart on an idle engine start in one step (prefilled together)."""
     model = scripted(reply="ok")
     added: list[int] = []  # engine steps taken when each sequence was added
 
-    async def main(gap_ms: float):
+    async def main():
         async with stage_context(model=model) as ctx:
-            stage = Decode(DecodeSettings(whole_prompt=16, idle_gather_ms=gap_ms), ctx)
+            ctx.in_flight = in_flight  # as the pipeline counts submitted requests
+            stage = Decode(DecodeSettings(whole_prompt=whole_prompt, idle_gather_ms=gap_ms), ctx)
             in_send, in_recv = trio.open_memory_channel(0)
             out_send, out_recv = trio.open_memory_channel(math.inf)
             async with trio.open_nursery() as nursery:
@@ -418,8 +427,8 @@ def test_decode_gathers_a_burst_of_long_prompts_on_an_idle_engine(scripted):
                         await trio.sleep(0.03)
             return [x async for x in out_recv]
 
-    assert len(trio.run(main, 100.0)) == 3
-    assert added == [0, 0, 0]  # all three before the first step
-    added.clear()
-    trio.run(main, 0.0)
-    assert added[0] == 0 and added[-1] > 0  # without gathering, the first one starts alone
+    assert len(trio.run(main)) == 3
+    if gathered:
+        assert added == [0, 0, 0]  # all three before the first step
+    else:
+        assert added[0] == 0 and added[-1] > 0  # the first one starts alone
