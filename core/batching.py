@@ -89,7 +89,6 @@ class StepStats:
 class BatchEngine(ABC):
     """Sequences that join and leave one batch; every method runs on the MLX worker thread."""
 
-    model: Model  # whose ``join_kv`` completes a cached prefix before ``add``
     stats: StepStats
 
     @abstractmethod

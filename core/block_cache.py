@@ -1,9 +1,9 @@
 """The KV cache the stages use: block pool in memory, block files on disk, per-agent tails.
 
 ``prepare`` (cache-lookup) finds the longest cached prefix of a prompt — memory blocks, then the
-chain continuing on disk, then the agent's own partial tail block — joins it into one KV state on
-the MLX worker (one concatenation per layer), and reserves pool blocks for the request's new
-tokens. ``store`` (persist) splits the finished request's new full blocks out of its KV state into
+chain continuing on disk, then the agent's own partial tail block — hands it on as pieces
+(:class:`~semantic.model.PendingJoin`, joined by decode on the MLX worker as the sequence starts),
+and reserves pool blocks for the request's new tokens. ``store`` (persist) splits the finished request's new full blocks out of its KV state into
 the reserved blocks, keeps its partial tail for the agent's next turn, and returns the new blocks
 for the background disk writer. Models whose cache cannot be cut into blocks (sliding-window
 layers) get exact-match reuse of each agent's last state instead (:class:`~semantic.kv_store.KVStore`).

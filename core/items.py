@@ -47,7 +47,8 @@ class Identified(Incoming):
 
 @dataclass(slots=True, kw_only=True)
 class Tokenized(Identified):
-    """The prompt is tokenized; ``prefix`` is a cached KV state covering ``prefix_len`` of it."""
+    """The prompt is tokenized; ``prefix`` is a cached KV state covering ``prefix_len`` of it
+    (after cache-lookup its payload may still be a :class:`~semantic.model.PendingJoin`)."""
 
     prompt_tokens: tuple[int, ...]
     prefix: KVState | None = None

@@ -103,7 +103,7 @@ class Pipeline:
             request.cancel()  # stages that admitted it count it as gone again
             raise
         self._inflight.add(request)
-        self.context.in_flight += 1
+        self.context.upstream += 1
         request.on_done(self._finished)
         try:
             await self._entry.send(item)
@@ -116,7 +116,8 @@ class Pipeline:
 
     def _finished(self, request: RequestHandle) -> None:
         self._inflight.discard(request)
-        self.context.in_flight -= 1
+        if not request.at_decode:
+            self.context.upstream -= 1
 
     def close(self) -> None:
         """Stop taking requests; stages finish what they hold, then end in order."""

@@ -71,6 +71,7 @@ class RequestHandle:
     created: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     done: bool = False
+    at_decode: bool = False  # it has reached the decode stage (for its count of requests on their way)
     seq: int = field(default_factory=lambda: next(_counter))
 
     def __post_init__(self) -> None:

@@ -67,7 +67,8 @@ class StageContext:
     accepts_model: Callable[[str], bool] = lambda name: True
     context_window: int | None = None
     metrics: Metrics = field(default_factory=Metrics)
-    in_flight: int = 0  # requests submitted and not yet finished (kept by the pipeline)
+    upstream: int = 0  # requests submitted that have not reached decode and are not over (kept by pipeline and decode)
+    parked: int = 0  # of those, requests cache-lookup holds behind their agent's request in flight
 
     def window(self) -> int:
         """The context window clients get: the model's, or the smaller one the pipeline reports."""

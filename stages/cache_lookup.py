@@ -25,8 +25,9 @@ class CacheLookupSettings(NoSettings):
 
 
 class CacheLookup(Stage):
-    """Joins the longest cached prefix (memory blocks, disk blocks, the agent's tail) into the
-    request's starting KV state, and reserves pool blocks for the tokens it will add."""
+    """Finds the longest cached prefix (memory blocks, disk blocks, the agent's tail) as the
+    request's starting KV state — pieces that decode joins when the sequence starts — and reserves
+    pool blocks for the tokens it will add."""
 
     name = "cache-lookup"
     takes = Tokenized
@@ -70,6 +71,7 @@ class CacheLookup(Stage):
             if self._parked == 0:
                 self._released = trio.Event()
             self._parked += 1
+            self.context.parked = self._parked
             self.context.metrics.inc("agent_waits")
         else:
             self._agents[item.agent_id] = deque()
@@ -85,6 +87,7 @@ class CacheLookup(Stage):
         while parked:
             item = parked.popleft()
             self._parked -= 1
+            self.context.parked = self._parked
             if not item.request.done:
                 self._start(item)
                 break

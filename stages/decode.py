@@ -2,8 +2,9 @@
 
 The stage loop takes new requests whenever the batch has room, then runs one engine step as a job
 on the worker: sequences that left (cancelled, stopped by a stop sequence) are removed first, new
-ones are added with the KV prefix cache-lookup prepared, then one decode step (and a prefill chunk)
-runs. Between two steps the worker is free for other jobs (cache joins, block splits, disk reads).
+ones are added with the KV prefix cache-lookup found (its cached pieces joined in the same job),
+then one decode step (and a prefill chunk) runs. Between two steps the worker is free for other
+jobs (block splits, disk reads).
 Tokens become text per request here, on the event loop; a finished request goes on to persist
 with its KV cache. A cancelled request leaves the batch at the next step.
 """
@@ -23,7 +24,7 @@ from semantic.batching import BatchEngine, BatchOptions, SeqEvent, SequenceSpec
 from semantic.detokenize import IncrementalDecoder
 from semantic.errors import ErrorKind, RequestError
 from semantic.items import Generated, Tokenized
-from semantic.model import KVState, joined
+from semantic.model import KVState, Model, joined
 from semantic.request import Started, TextDelta, Usage
 from semantic.stage import NoSettings, Stage
 from semantic.stops import StopMatcher
@@ -81,13 +82,13 @@ class _StepResult:
     error: BaseException | None = None
 
 
-def _step_job(engine: BatchEngine, removals: list[int], adds: list[SequenceSpec]) -> _StepResult:
+def _step_job(engine: BatchEngine, model: Model, removals: list[int], adds: list[SequenceSpec]) -> _StepResult:
     """On the worker thread: remove, add (joining cached prefixes), step."""
     removed = engine.remove(removals) if removals else {}
     errors: dict[int, BaseException] = {}
     for spec in adds:
         try:
-            engine.add(replace(spec, prefix=joined(engine.model, spec.prefix)))
+            engine.add(replace(spec, prefix=joined(model, spec.prefix)))
         except Exception as e:  # this request cannot start (bad cache, bad parameters): it alone fails
             errors[spec.seq_id] = e
     try:
@@ -150,7 +151,8 @@ class Decode(Stage):
 
         On an idle engine, a new prompt waits for more arrivals (the ``idle_gather_ms`` gap) so
         that a burst is prefilled in one batch, not one by one: one that needs a long prefill
-        always, a short one only while other requests are on their way (a lone request never waits).
+        always (one gap), a short one only while other requests are on their way (a lone short
+        request never waits).
         """
         room = self.options.max_batch - len(self._seqs)
         idle, gap = not self._seqs, self.settings.idle_gather_ms / 1000
@@ -178,6 +180,9 @@ class Decode(Stage):
             except trio.EndOfChannel:
                 return False
             wait = tried_again = False
+            if not item.request.at_decode:
+                item.request.at_decode = True
+                self.context.upstream -= 1
             if not item.request.done:
                 self._join(item)
                 room -= 1
@@ -190,8 +195,8 @@ class Decode(Stage):
         return True
 
     def _behind(self) -> int:
-        """Requests submitted to the pipeline that have not reached decode yet."""
-        return self.context.in_flight - len(self._seqs)
+        """Requests on their way to decode (submitted, not over, not parked behind their agent)."""
+        return self.context.upstream - self.context.parked
 
     def _long_prefill(self, item: Tokenized) -> bool:
         cached = item.prefix_len if item.prefix is not None else 0
@@ -217,7 +222,11 @@ class Decode(Stage):
             leaving = [sid for sid, s in self._seqs.items() if s.reason is not None or s.item.request.done]
             gone = set(leaving)  # cancelled before it was ever added: never add it
             adds, self._adds = [a for a in self._adds if a.seq_id not in gone], []
-            result = await worker.call(_step_job, engine, leaving, adds)
+            result = await worker.call(_step_job, engine, self.context.model, leaving, adds)
+            for spec in adds:  # joined and in the batch: the cached pieces can go
+                seq = self._seqs.get(spec.seq_id)
+                if seq is not None and seq.item.prefix is not None:
+                    seq.item.prefix = replace(seq.item.prefix, payload=None)
             for sid in leaving:
                 self._leave(sid, result.removed.get(sid), done_send)
             for sid, error in result.add_errors.items():

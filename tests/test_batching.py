@@ -142,16 +142,18 @@ def test_thousands_of_cancellations_leak_no_sequences_or_blocks(registry, script
                 stage(pipeline, "schedule").admitted,
                 len(decode._seqs),
                 stage(pipeline, "cache-lookup")._agents,
+                (pipeline.context.upstream, pipeline.context.parked),
             )
             engine_active = decode.engine.active
             pipeline.close()
         return state, engine_active
 
-    (used, inflight, admitted, seqs, agents), engine_active = trio.run(main)
+    (used, inflight, admitted, seqs, agents, on_their_way), engine_active = trio.run(main)
     assert outcomes["cancelled"] > 1000 and outcomes["finished"] > 100
     assert used == 0  # every reservation and pin released: no leaked blocks
     pipeline.context.cache.pool.check()
     assert inflight == 0 and admitted == 0 and seqs == 0 and agents == {} and engine_active == 0
+    assert on_their_way == (0, 0)  # decode's count of requests still coming never drifts
 
 
 def test_a_failing_sequence_fails_alone_and_decode_keeps_serving(registry, scripted):

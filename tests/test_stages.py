@@ -390,22 +390,22 @@ def test_persist_stores_new_blocks_and_the_tail(scripted):
 
 
 @pytest.mark.parametrize(
-    "whole_prompt, in_flight, gap_ms, gathered",
+    "whole_prompt, upstream, gap_ms, gathered",
     [
-        (16, 0, 100.0, True),  # long prompts: always gathered on an idle engine
-        (16, 0, 0.0, False),  # (no gathering)
+        (16, 3, 100.0, True),  # long prompts: always gathered on an idle engine
+        (16, 3, 0.0, False),  # (no gathering)
         (256, 3, 100.0, True),  # short ones: while others are on their way
         (256, 1, 100.0, False),  # a lone short request never waits
     ],
 )
-def test_decode_gathers_a_burst_of_new_prompts_on_an_idle_engine(scripted, whole_prompt, in_flight, gap_ms, gathered):
+def test_decode_gathers_a_burst_of_new_prompts_on_an_idle_engine(scripted, whole_prompt, upstream, gap_ms, gathered):
     """Prompts arriving a little apart on an idle engine start in one step (prefilled together)."""
     model = scripted(reply="ok")
     added: list[int] = []  # engine steps taken when each sequence was added
 
     async def main():
         async with stage_context(model=model) as ctx:
-            ctx.in_flight = in_flight  # as the pipeline counts submitted requests
+            ctx.upstream = upstream  # as the pipeline counts requests on their way to decode
             stage = Decode(DecodeSettings(whole_prompt=whole_prompt, idle_gather_ms=gap_ms), ctx)
             in_send, in_recv = trio.open_memory_channel(0)
             out_send, out_recv = trio.open_memory_channel(math.inf)
@@ -425,9 +425,10 @@ def test_decode_gathers_a_burst_of_new_prompts_on_an_idle_engine(scripted, whole
                         item = incoming("a long question, number %d, well past sixteen tokens" % i)
                         await in_send.send(item.advance(Tokenized, agent_id=f"a{i}", prompt_tokens=tuple(model.tokenizer.encode_chat(item.messages))))
                         await trio.sleep(0.03)
-            return [x async for x in out_recv]
+            return [x async for x in out_recv], ctx.upstream
 
-    assert len(trio.run(main)) == 3
+    out, left = trio.run(main)
+    assert len(out) == 3 and left == upstream - 3
     if gathered:
         assert added == [0, 0, 0]  # all three before the first step
     else:
