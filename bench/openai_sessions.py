@@ -27,7 +27,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from resume_ttft import mlx_lm_server, semantic_server  # noqa: E402
+from resume_ttft import mlx_lm_server, semantic_server, with_blas  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PREAMBLE = "You are one of several assistants working on a shared research project about the history of science. " * 20
@@ -100,12 +100,7 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
-    from semantic.blas import find_openblas
-
-    blas = find_openblas()
-    if blas and blas not in os.environ.get("LD_PRELOAD", ""):
-        env = {**os.environ, "LD_PRELOAD": blas, "OPENBLAS_NUM_THREADS": str(os.cpu_count() or 1)}
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+    blas = with_blas(__file__)
 
     from semantic.paths import cache_dir
     from semantic.pipelines import shipped

@@ -94,6 +94,18 @@ def ttft_openai(url: str, system: str, user: str) -> float:
     return time.perf_counter() - t0
 
 
+def with_blas(script: str) -> str | None:
+    """The optimized BLAS serve would use; if it is not preloaded yet, run ``script`` again with
+    it preloaded (so in-process parts and ``mlx_lm.server`` get the same BLAS as semantic)."""
+    from semantic.blas import find_openblas
+
+    blas = find_openblas()
+    if blas and blas not in os.environ.get("LD_PRELOAD", ""):
+        env = {**os.environ, "LD_PRELOAD": blas, "OPENBLAS_NUM_THREADS": str(os.cpu_count() or 1)}
+        os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]], env)
+    return blas
+
+
 def semantic_server(pipeline: Path) -> Proc:
     cmd = [sys.executable, "-m", "semantic.cli", "serve", "--pipeline", str(pipeline), "--port", "0"]
     return Proc(cmd, r"serving pipeline .* on (http://\S+)")
