@@ -274,6 +274,11 @@ class ContextOptions(BaseModel):
         description='RoPE scaling the model supports, as in a Hugging Face config, e.g. '
         '{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192} or {"type": "linear", "factor": 2.0}.',
     )
+    cpu_kernels: bool = Field(
+        True,
+        description="On MLX's CPU backend, use semantic's faster SwiGLU and attention (same results to float32 rounding; "
+        "see semantic.mlx_cpu). Off: mlx-lm's own.",
+    )
 
 
 def context_overrides(config: dict[str, Any], options: ContextOptions | None) -> dict[str, Any]:
@@ -313,8 +318,11 @@ def load_mlx_lm_dir(
     from mlx_lm.utils import load_model
     from transformers import AutoTokenizer
 
+    from .mlx_cpu import use_fast_kernels
+
     overrides = context_overrides(json.loads((path / "config.json").read_text()), context)
     module, config = load_model(path, model_config=overrides)
+    use_fast_kernels(module, context.cpu_kernels if context is not None else True)
     if overrides:
         fingerprint += ":" + json.dumps(overrides, sort_keys=True, separators=(",", ":"))
     activation_dtype = dtype if dtype in _DTYPE_BYTES else "float16"
