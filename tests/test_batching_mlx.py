@@ -65,6 +65,64 @@ def test_greedy_tokens_are_the_same_alone_and_in_a_batch_that_changes(mlx, smoll
         assert kv.tokens == spec.prompt + tuple(together[i]) and kv.payload[0].offset == len(kv.tokens)
 
 
+def test_the_lean_decode_step_gives_mlx_lm_batch_generator_tokens(mlx, smollm):
+    """The engine's step skips the log-probabilities; the tokens are still mlx-lm's own."""
+    from mlx_lm.generate import BatchGenerator
+
+    from semantic.mlx_batch import lean_generation_batch
+
+    ps = prompts(smollm)
+
+    def plain():
+        gen = BatchGenerator(smollm.module, stop_tokens=[[t] for t in smollm.tokenizer.eos_token_ids], completion_batch_size=8)
+        uids = gen.insert([list(p) for p in ps], max_tokens=[24] * len(ps))
+        out, done = {u: [] for u in uids}, set()
+        for _ in range(200):
+            for r in gen.next()[1]:
+                out[r.uid].append(int(r.token))
+                if r.finish_reason is not None:
+                    done.add(r.uid)
+            if len(done) == len(uids):
+                break
+        gen.close()
+        assert type(gen._generation_batch) is not lean_generation_batch()
+        return [out[u] for u in uids]
+
+    def engine_batch_type():
+        engine = smollm.batch_engine(BatchOptions(max_batch=8))
+        try:
+            return type(engine._gen._generation_batch)
+        finally:
+            engine.close()
+
+    specs = [SequenceSpec(i, p, None, 0, SamplingParams(max_tokens=24, temperature=0)) for i, p in enumerate(ps)]
+    ours = mlx.run_sync(run_engine, smollm, specs)[0]  # joining one a step
+    assert [ours[i] for i in range(len(ps))] == mlx.run_sync(plain)
+    assert mlx.run_sync(engine_batch_type) is lean_generation_batch()
+
+
+def test_samplers_take_raw_logits(mlx):
+    """Logits are not normalized by the step: top_p normalizes for itself; equal unseeded settings share a sampler."""
+    from semantic.mlx_batch import make_sampler
+
+    def run():
+        import mlx.core as mx
+
+        logits = mx.array([[0.0, 0.0, -30.0, -30.0, -30.0]]) - 120.0  # exp() of these underflows float32
+        top_p = make_sampler(SamplingParams(8, temperature=1.0, top_p=0.9, seed=5), 5)
+        drawn = {top_p(logits).item() for _ in range(60)}
+        flat = make_sampler(SamplingParams(8, temperature=1.0, seed=5), 5)
+        spread = {flat(mx.zeros((1, 5)) + 120.0).item() for _ in range(60)}
+        same = make_sampler(SamplingParams(8, temperature=0.7, top_k=3), 5) is make_sampler(SamplingParams(8, temperature=0.7, top_k=3), 5)
+        differ = make_sampler(SamplingParams(8, temperature=0.7), 5) is not make_sampler(SamplingParams(8, temperature=0.8), 5)
+        return drawn, spread, same, differ
+
+    drawn, spread, same, differ = mlx.run_sync(run)
+    assert drawn == {0, 1}  # two tokens of p = 0.5: top_p 0.9 keeps both, and only them
+    assert spread == {0, 1, 2, 3, 4}  # uniform logits, shifted: every token comes up
+    assert same and differ
+
+
 def test_a_sequence_resumed_from_its_extracted_cache_continues_like_a_fresh_one(mlx, smollm):
     (p, *_) = prompts(smollm)
     _, kvs, _ = mlx.run_sync(run_engine, smollm, [SequenceSpec(0, p, None, 0, GREEDY)])
