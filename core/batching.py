@@ -62,7 +62,8 @@ class SequenceSpec:
 class SeqEvent:
     """What one step did to one sequence.
 
-    ``token`` is the newly generated token (None if the sequence failed). ``finish`` is
+    ``token`` is the newly generated token (None if the sequence failed, or left without a new
+    one: an engine may send a first token early and its finish a step later). ``finish`` is
     ``"stop"`` (the token is an end token), ``"length"`` (``max_tokens`` reached) or None; a
     finished sequence has left the batch and ``kv`` is its cache (prompt and generated tokens).
     ``error`` fails this sequence only.

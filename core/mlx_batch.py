@@ -91,12 +91,23 @@ def lean_generation_batch() -> type:
     The step is mlx-lm's, less two things no semantic request uses: normalizing the logits into
     log-probabilities (samplers get raw logits, see :func:`make_sampler`), and evaluating and
     splitting a vocabulary-sized log-probability vector per sequence per step. With logits
-    processors it is mlx-lm's step unchanged.
+    processors it is mlx-lm's step unchanged. ``joined`` keeps the first tokens of sequences that
+    joined, so the engine can send them at once (mlx-lm's step returns each token one step after
+    computing it, to overlap the next step's graph building with this one's compute).
     """
     import mlx.core as mx
     from mlx_lm.generate import GenerationBatch
 
     class LeanGenerationBatch(GenerationBatch):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.joined: list[tuple[list[int], Any]] = []  # (uids, their first tokens) since last taken
+            super().__init__(*args, **kwargs)
+
+        def extend(self, batch: Any) -> None:
+            super().extend(batch)
+            if batch.uids and batch._next_tokens is not None:
+                self.joined.append((list(batch.uids), batch._next_tokens))
+
         def _step(self) -> tuple[list[int], list[Any]]:
             if any(self.logits_processors):
                 return super()._step()
@@ -153,6 +164,8 @@ class MLXBatchEngine(BatchEngine):
         self._uid: dict[int, int] = {}  # seq_id -> BatchGenerator uid
         self._seq: dict[int, int] = {}  # uid -> seq_id
         self._decoding: set[int] = set()  # uids that have produced a token
+        self._early: set[int] = set()  # uids whose first token was sent when they joined
+        self._eos = model.tokenizer.eos_token_ids
         self._long: dict[int, _LongPrompt] = {}  # seq_id -> long prompt being prefilled, in order
         self._step_s: float | None = None  # running average of the decode part of a step
         self._base_s: float | None = None  # running average of a step without prefill
@@ -239,13 +252,17 @@ class MLXBatchEngine(BatchEngine):
         prefill_tokens = 0
         if self._seq:
             with self._gen.stats() as st:
-                _, responses = self._gen.next()
+                prompts, responses = self._gen.next()
+                if any(r.end_of_segment and not r.end_of_prompt and r.progress[0] == r.progress[1] - 1 for r in prompts):
+                    # prompts prefilled up to their last token: start them now, not a step later
+                    responses = responses + self._gen.next()[1]
             decode_s, prefill_s, prefill_tokens = st.decode_time, st.prompt_time, st.prompt_tokens
             if st.generation_steps:
-                self._step_s = _ema(self._step_s, st.decode_time)
+                per_step = st.decode_time / st.generation_steps
+                self._step_s = _ema(self._step_s, per_step)
                 if not st.prompt_tokens:  # a plain decode step: what running streams pay per token
-                    self._base_s = _ema(self._base_s, st.decode_time + st.prompt_time)
-            events = self._events(responses)
+                    self._base_s = _ema(self._base_s, per_step + st.prompt_time)
+            events = self._first_tokens() + self._events(responses)
         chunk = 0
         if self._long:
             dt, chunk = self._prefill_long()
@@ -256,19 +273,42 @@ class MLXBatchEngine(BatchEngine):
             self._idle_tokens = 0
         return events
 
+    def _first_tokens(self) -> list[SeqEvent]:
+        """The first tokens of sequences that just joined the generation batch, sent now.
+
+        mlx-lm would return them with the next step. An end token is left to that step, which
+        reports it as a stop.
+        """
+        batch = self._gen._generation_batch
+        joined, batch.joined = batch.joined, []
+        events = []
+        for uids, tokens in joined:
+            for uid, token in zip(uids, tokens.tolist(), strict=True):
+                seq_id = self._seq.get(uid)
+                if seq_id is None or token in self._eos:
+                    continue
+                self._early.add(uid)
+                self._decoding.add(uid)
+                events.append(SeqEvent(seq_id, int(token)))
+        return events
+
     def _events(self, responses: list[Any]) -> list[SeqEvent]:
         events = []
         for r in responses:
             seq_id = self._seq.get(r.uid)
             if seq_id is None:
                 continue
+            sent = r.uid in self._early  # this token went out when the sequence joined
+            self._early.discard(r.uid)
             if r.finish_reason is None:
                 self._decoding.add(r.uid)
-                events.append(SeqEvent(seq_id, int(r.token)))
+                if not sent:
+                    events.append(SeqEvent(seq_id, int(r.token)))
                 continue
             self._forget(r.uid)
             reason = "stop" if r.finish_reason == "stop" else "length"
-            events.append(SeqEvent(seq_id, int(r.token), reason, self._kv(r.prompt_cache, r.all_tokens)))
+            kv = self._kv(r.prompt_cache, r.all_tokens)
+            events.append(SeqEvent(seq_id, None if sent else int(r.token), reason, kv))
         return events
 
     def remove(self, seq_ids: Sequence[int]) -> dict[int, KVState | None]:
@@ -292,6 +332,7 @@ class MLXBatchEngine(BatchEngine):
         seq_id = self._seq.pop(uid, None)
         self._uid.pop(seq_id, None)  # type: ignore[arg-type]
         self._decoding.discard(uid)
+        self._early.discard(uid)
 
     def _kv(self, caches: list[Any] | None, tokens: Sequence[int] | None) -> KVState | None:
         """A KVState for an extracted cache, if it covers exactly ``tokens``."""
@@ -311,4 +352,5 @@ class MLXBatchEngine(BatchEngine):
         self._uid.clear()
         self._seq.clear()
         self._decoding.clear()
+        self._early.clear()
         self._long.clear()

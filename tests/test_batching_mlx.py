@@ -101,6 +101,35 @@ def test_the_lean_decode_step_gives_mlx_lm_batch_generator_tokens(mlx, smollm):
     assert mlx.run_sync(engine_batch_type) is lean_generation_batch()
 
 
+def test_first_tokens_come_with_the_step_that_prefills_their_prompts(mlx, smollm):
+    """mlx-lm returns a token one step after computing it and feeds a prompt's last token a step
+    after the rest; the engine sends first tokens from the step that prefills the prompt."""
+    ps = prompts(smollm)
+    limits = [6, 6, 1]
+
+    def run():
+        engine = smollm.batch_engine(BatchOptions(max_batch=8))
+        try:
+            for i, n in enumerate(limits):
+                engine.add(SequenceSpec(i, ps[i], None, 0, SamplingParams(max_tokens=n, temperature=0)))
+            first = engine.step()
+            rest = []
+            while engine.active:
+                rest.extend(engine.step())
+            return first, rest
+        finally:
+            engine.close()
+
+    first, rest = mlx.run_sync(run)
+    assert sorted(e.seq_id for e in first if e.token is not None) == [0, 1, 2]
+    for i, n in enumerate(limits):
+        events = [e for e in first + rest if e.seq_id == i]
+        tokens = [e.token for e in events if e.token is not None]
+        (done,) = [e for e in events if e.finish is not None]
+        assert len(tokens) == n or (done.finish == "stop" and len(tokens) < n)
+        assert done.kv.tokens[: len(ps[i])] == ps[i] and len(done.kv.tokens) >= len(ps[i]) + len(tokens)
+
+
 def test_samplers_take_raw_logits(mlx):
     """Logits are not normalized by the step: top_p normalizes for itself; equal unseeded settings share a sampler."""
     from semantic.mlx_batch import make_sampler
@@ -176,11 +205,11 @@ def test_a_short_prompt_joining_a_running_batch_is_prefilled_in_one_pass(mlx, sm
     short = SequenceSpec(1, ps[1], None, 0, SamplingParams(max_tokens=4, temperature=0))
     options = BatchOptions(max_batch=4, prefill_chunk=512, prefill_share=0.1, whole_prompt=len(ps[1]))
     _, _, stats = mlx.run_sync(partial(run_engine, join_every=6, options=options), smollm, [running, short])
-    late = [s for s, n in stats if s.prefill_tokens and n[0] > 0]
+    late = [s for s, _ in stats[6:] if s.prefill_tokens]  # the short one joins at step 6
     assert [s.prefill_tokens for s in late] == [len(ps[1]) - 1]  # all but the last token, in one pass
     cut = BatchOptions(max_batch=4, prefill_chunk=512, prefill_share=0.1, whole_prompt=len(ps[1]) - 1)
     _, _, stats = mlx.run_sync(partial(run_engine, join_every=6, options=cut), smollm, [running, short])
-    assert len([s for s, n in stats if s.prefill_tokens and n[0] > 0]) > 1  # one token too long: chunked
+    assert len([s for s, _ in stats[6:] if s.prefill_tokens]) > 1  # one token too long: chunked
 
 
 def test_cancelling_one_sequence_leaves_the_others_untouched(mlx, smollm):
