@@ -10,7 +10,9 @@
 
     .venv/bin/python bench/batching.py [--agents 1 2 4 8 16] [--long-tokens 7168] [--skip-mlx-lm]
 
-Prints JSON and writes bench/results/batching.json. Targets (issue "batching"): ≥ 5× sequential
+Each concurrency runs ``--repeats`` times per server, the two servers taking turns; the median
+run counts (one run depends on how the requests happen to arrive). Prints JSON and writes
+bench/results/batching.json. Targets (issue "batching"): ≥ 5× sequential
 at 8 agents; ≥ 1.1× mlx_lm.server at every concurrency; p95 inter-token latency during the long
 prefill ≤ 3× without it; pipeline step time ≤ 1.05× the bare loop.
 """
@@ -231,6 +233,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--long-tokens", type=int, default=7168, help="the long prompt prefilled under 8-agent load (0: skip)")
     parser.add_argument("--skip-mlx-lm", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per concurrency and server, taking turns; the median counts")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--decode", type=json.loads, default={}, help='decode stage settings as JSON, e.g. \'{"prefill_share": 3}\'')
     parser.add_argument("--tag", default="", help="results go to batching-TAG.json")
@@ -263,31 +266,36 @@ def main() -> None:
     server = semantic_server(pipeline)
     model_dir = next((cache_dir() / "models").glob("SmolLM2-135M-Instruct*-float32-v*"))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    other = None if args.skip_mlx_lm else mlx_lm_server(model_dir, 8931, "--decode-concurrency", "32", blas=blas)
     try:
         concurrent(stream_anthropic, server.url, 2, 8)  # warm up
+        if other is not None:
+            concurrent(stream_openai, other.url, 2, 8)
         for n in args.agents:
+            # the two servers take turns, run after run: drift on a shared machine hits both alike
+            runs: dict[str, list[dict]] = {"semantic": [], "mlx_lm_server": []}
+            for _ in range(args.repeats):
+                runs["semantic"].append(concurrent(stream_anthropic, server.url, n, args.max_tokens))
+                if other is not None:
+                    runs["mlx_lm_server"].append(concurrent(stream_openai, other.url, n, args.max_tokens))
             row = results["throughput"].setdefault(str(n), {})
-            row["semantic"] = concurrent(stream_anthropic, server.url, n, args.max_tokens)
+            for side, got in runs.items():
+                if got:  # the median run (by tok/s), and every run's tok/s
+                    row[side] = {**sorted(got, key=lambda r: r["tok_s"])[len(got) // 2], "runs_tok_s": [r["tok_s"] for r in got]}
             row["sequential"] = one_at_a_time(stream_anthropic, server.url, n, args.max_tokens)
             row["vs_sequential"] = row["semantic"]["tok_s"] / row["sequential"]["tok_s"]
+            if other is not None:
+                row["vs_mlx_lm_server"] = row["semantic"]["tok_s"] / row["mlx_lm_server"]["tok_s"]
             print(n, "agents:", json.dumps({k: round(v["tok_s"], 2) for k, v in row.items() if isinstance(v, dict)}), flush=True)
+        if other is not None:
+            other.stop()
+            other = None
         if args.long_tokens:
             results["long_prefill"] = long_prefill(server.url, 8, args.long_tokens, tokenizer)
             print("long prefill:", json.dumps(results["long_prefill"]), flush=True)
     finally:
         server.stop()
-
-    if not args.skip_mlx_lm:
-        other = mlx_lm_server(model_dir, 8931, "--decode-concurrency", "32", blas=blas)
-        url = other.url
-        try:
-            concurrent(stream_openai, url, 2, 8)
-            for n in args.agents:
-                row = results["throughput"][str(n)]
-                row["mlx_lm_server"] = concurrent(stream_openai, url, n, args.max_tokens)
-                row["vs_mlx_lm_server"] = row["semantic"]["tok_s"] / row["mlx_lm_server"]["tok_s"]
-                print(n, "agents mlx_lm.server:", round(row["mlx_lm_server"]["tok_s"], 2), flush=True)
-        finally:
+        if other is not None:
             other.stop()
 
     if not args.skip_overhead:
