@@ -27,7 +27,7 @@ from .model import LoadContext, Model
 from .paths import cache_dir
 from .plugin_manager import Registry
 from .request import Finished, RequestHandle, Usage
-from .stage import Stage, StageContext
+from .stage import Stage, StageContext, arrived
 from .worker import MLXWorker
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class Pipeline:
             raise
         self._inflight.add(request)
         self.context.upstream += 1
+        arrived()  # the server counted it while reading it
         request.on_done(self._finished)
         try:
             await self._entry.send(item)

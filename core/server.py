@@ -27,6 +27,7 @@ from .openapi import openapi
 from .pipeline import Pipeline
 from .plugin_manager import Registry
 from .protocol import RouteDoc
+from .stage import arrived, arriving
 from .protocol_http import check_api_key
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ def create_app(pipeline: Pipeline) -> QuartTrio:
         Hypercorn (0.18, HTTP/1.1) stalls a kept-alive connection for good when a request's body
         arrives after its response was sent, and SDK clients reuse their connections."""
         if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+            if request.method == "POST":  # may become a generation: decode gathers it with others
+                g.arrival = arriving(pipeline.context)
             try:
                 await request.get_data()
             except HTTPException:  # too large or too slow: the handler answers that in its own format
@@ -63,7 +66,12 @@ def create_app(pipeline: Pipeline) -> QuartTrio:
         client opens a new one instead of waiting on this one."""
         if g.get("unread_body"):
             response.headers["connection"] = "close"
+        arrived(g.get("arrival"))  # answered (a refusal, or submitted already)
         return response
+
+    @app.teardown_request
+    async def stop_counting_arrival(_exc: BaseException | None) -> None:
+        arrived(g.get("arrival"))
 
     @app.get("/")
     async def root() -> Response:
@@ -71,7 +79,9 @@ def create_app(pipeline: Pipeline) -> QuartTrio:
 
     @app.get("/health")
     async def health() -> Response:
-        body = Health(status=pipeline.state.value, pipeline=pipeline.config.name, counters=pipeline.context.metrics.counters, error=pipeline.failure)
+        ctx = pipeline.context
+        gauges = {"requests_arriving": ctx.arriving, "requests_upstream": ctx.upstream, "requests_parked": ctx.parked}
+        body = Health(status=pipeline.state.value, pipeline=pipeline.config.name, counters={**ctx.metrics.counters, **gauges}, error=pipeline.failure)
         return _json(body.model_dump(exclude_none=True), 200 if pipeline.ready else 503)
 
     @app.errorhandler(HTTPException)

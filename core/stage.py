@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
@@ -69,11 +70,32 @@ class StageContext:
     metrics: Metrics = field(default_factory=Metrics)
     upstream: int = 0  # requests submitted that have not reached decode and are not over (kept by pipeline and decode)
     parked: int = 0  # of those, requests cache-lookup holds behind their agent's request in flight
+    arriving: int = 0  # requests the server is still reading or parsing, not yet submitted (kept by the server)
 
     def window(self) -> int:
         """The context window clients get: the model's, or the smaller one the pipeline reports."""
         own = self.model.info.context_length if self.model is not None else 1 << 30
         return min(own, self.context_window or own)
+
+
+_arrival: ContextVar[list[StageContext] | None] = ContextVar("semantic_arrival", default=None)
+
+
+def arriving(context: StageContext) -> list[StageContext]:
+    """The server started reading a request (in this task): count it in ``context.arriving``
+    until :func:`arrived`. Returns the token to pass to :func:`arrived` from elsewhere."""
+    context.arriving += 1
+    token = [context]
+    _arrival.set(token)
+    return token
+
+
+def arrived(token: list[StageContext] | None = None) -> None:
+    """The request counted by :func:`arriving` (this task's, or ``token``'s) was submitted or
+    answered: stop counting it. Counted once, however often this is called."""
+    token = token if token is not None else _arrival.get()
+    if token:
+        token.pop().arriving -= 1
 
 
 class Stage:

@@ -50,7 +50,14 @@ class DecodeSettings(NoSettings):
         le=1000,
         description="While nothing decodes, a new prompt waits for others until none has arrived for this long (at most 5 "
         "times it in all), so a burst of new agents is prefilled together: a prompt needing a long prefill always, a short "
-        "one while other requests are still on their way through the pipeline.",
+        "one while other requests are still on their way through the pipeline or once two have come together.",
+    )
+    join_hold_ms: float = Field(
+        100,
+        ge=0,
+        le=1000,
+        description="While others decode, a new short prompt waits (at most this long) while other requests are still on "
+        "their way, so they join together: one prefill pass, which stalls the running streams once instead of once each.",
     )
     prefill_share: float = Field(
         1.5,
@@ -110,7 +117,8 @@ class Decode(Stage):
     async def setup(self) -> None:
         self._ids = itertools.count()
         self._seqs: dict[int, _Seq] = {}
-        self._adds: list[SequenceSpec] = []
+        self._adds: list[SequenceSpec] = []  # joined, not yet in the engine
+        self._held_since: float | None = None  # when _hold_joins began keeping them out
         s, limits = self.settings, self.context.limits
         self.options = BatchOptions(
             max_batch=s.max_batch or limits.max_concurrent_sessions,
@@ -151,19 +159,21 @@ class Decode(Stage):
 
         On an idle engine, a new prompt waits for more arrivals (the ``idle_gather_ms`` gap) so
         that a burst is prefilled in one batch, not one by one: one that needs a long prefill
-        always (one gap), a short one only while other requests are on their way (a lone short
-        request never waits).
+        always (one gap), a short one while other requests are on their way or once two have
+        come together (clients of a burst do not all reach the server at once); a lone short
+        request never waits.
         """
         room = self.options.max_batch - len(self._seqs)
         idle, gap = not self._seqs, self.settings.idle_gather_ms / 1000
         gather_until = cap = None
         long_seen = False
         tried_again = False
+        taken = 0
         while room > 0:
             try:
                 if wait:
                     item = await inbox.receive()
-                elif gather_until is not None and not tried_again and (long_seen or self._behind() > 0):
+                elif gather_until is not None and not tried_again and (long_seen or taken > 1 or self._behind() > 0):
                     item = None
                     with trio.move_on_at(min(gather_until, cap)):
                         item = await inbox.receive()
@@ -186,17 +196,34 @@ class Decode(Stage):
             if not item.request.done:
                 self._join(item)
                 room -= 1
+                taken += 1
                 now = trio.current_time()
                 long_seen = long_seen or self._long_prefill(item)
                 if gather_until is not None:
                     gather_until = now + gap
-                elif idle and gap > 0 and (long_seen or self._behind() > 0):
+                elif idle and gap > 0 and (long_seen or taken > 1 or self._behind() > 0):
                     gather_until, cap = now + gap, now + 5 * gap
         return True
 
     def _behind(self) -> int:
-        """Requests on their way to decode (submitted, not over, not parked behind their agent)."""
-        return self.context.upstream - self.context.parked
+        """Requests on their way to decode: being received by the server, or submitted and not
+        over, less those parked behind their agent's request in flight."""
+        return self.context.arriving + self.context.upstream - self.context.parked
+
+    def _hold_joins(self) -> bool:
+        """Keep this step's new short prompts out of the batch a little longer (``join_hold_ms``):
+        others decode, more requests are on their way and there is room for them."""
+        hold = self.settings.join_hold_ms / 1000
+        if not self._adds or hold <= 0 or len(self._seqs) >= self.options.max_batch:
+            return False
+        if len(self._seqs) == len(self._adds) or self._behind() <= 0:
+            return False  # nothing decodes yet (the idle gathering applies), or no one is coming
+        if any(self._long_prefill(self._seqs[a.seq_id].item) for a in self._adds):
+            return False  # a long prompt is prefilled in chunks between steps anyway
+        now = trio.current_time()
+        if self._held_since is None:
+            self._held_since = now
+        return now - self._held_since < hold
 
     def _long_prefill(self, item: Tokenized) -> bool:
         cached = item.prefix_len if item.prefix is not None else 0
@@ -221,7 +248,11 @@ class Decode(Stage):
                 continue
             leaving = [sid for sid, s in self._seqs.items() if s.reason is not None or s.item.request.done]
             gone = set(leaving)  # cancelled before it was ever added: never add it
-            adds, self._adds = [a for a in self._adds if a.seq_id not in gone], []
+            self._adds = [a for a in self._adds if a.seq_id not in gone]
+            if self._hold_joins():
+                adds = []
+            else:
+                adds, self._adds, self._held_since = self._adds, [], None
             result = await worker.call(_step_job, engine, self.context.model, leaving, adds)
             for spec in adds:  # joined and in the batch: the cached pieces can go
                 seq = self._seqs.get(spec.seq_id)

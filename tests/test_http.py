@@ -54,3 +54,29 @@ def test_an_oversized_body_closes_its_connection_and_the_client_goes_on(scripted
             r = client.post(route, content=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"})
             assert r.status_code == 413 and r.headers["connection"] == "close", r.text
             assert client.get("/health").status_code == 200
+
+
+def test_requests_being_received_are_counted_until_submitted_or_answered(scripted_server):
+    """Decode gathers a burst with requests the server is still reading; the count must always
+    come back to zero: answered, refused, oversized, streamed, abandoned mid-stream."""
+    message = {"model": "test-model", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=scripted_server.url, timeout=30) as client:
+        assert client.post("/v1/messages", json=message).status_code == 200
+        assert client.post("/v1/messages", json={**message, "max_tokens": -1}).status_code == 400
+        assert client.post("/v1/messages", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+        assert client.post("/v1/messages/count_tokens", json={"model": "test-model", "messages": message["messages"]}).status_code == 200
+        assert client.post("/v1/no-such-route", json={}).status_code == 404
+        assert client.post("/v1/messages", content=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"}).status_code == 413
+        with client.stream("POST", "/v1/chat/completions", json={**message, "stream": True}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # leave mid-stream
+        with client.stream("POST", "/v1/messages", json={**message, "stream": True}) as r:
+            assert any('"message_stop"' in line for line in r.iter_lines())
+    deadline = time.monotonic() + 10
+    while True:
+        counters = httpx.get(f"{scripted_server.url}/health").json()["counters"]
+        gauges = (counters["requests_arriving"], counters["requests_upstream"], counters["requests_parked"])
+        if gauges == (0, 0, 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert gauges == (0, 0, 0)

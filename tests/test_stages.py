@@ -433,3 +433,116 @@ def test_decode_gathers_a_burst_of_new_prompts_on_an_idle_engine(scripted, whole
         assert added == [0, 0, 0]  # all three before the first step
     else:
         assert added[0] == 0 and added[-1] > 0  # the first one starts alone
+
+
+@pytest.mark.parametrize("hold_ms, together", [(300.0, True), (0.0, False)])
+def test_decode_holds_new_prompts_while_others_are_on_their_way(scripted, hold_ms, together):
+    """While a batch decodes, a new short prompt waits for the request behind it (one prefill
+    pass for both) — at most ``join_hold_ms``."""
+    model = scripted(reply="word " * 60, token_delay_s=0.01)
+    added: dict[int, int] = {}  # seq_id -> engine steps taken when it was added
+
+    async def main():
+        async with stage_context(model=model) as ctx:
+            ctx.upstream = 3  # as the pipeline counts the three requests on their way
+            stage = Decode(DecodeSettings(idle_gather_ms=0, join_hold_ms=hold_ms), ctx)
+            in_send, in_recv = trio.open_memory_channel(0)
+            out_send, out_recv = trio.open_memory_channel(math.inf)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stage.run, in_recv, out_send)
+                engine = stage.engine
+                steps, add, step = [0], engine.add, engine.step
+
+                def counted_step():
+                    steps[0] += 1
+                    return step()
+
+                def counted_add(spec):
+                    added[spec.seq_id] = steps[0]
+                    return add(spec)
+
+                engine.add, engine.step = counted_add, counted_step
+                async with in_send:
+                    for i, pause in enumerate((0.15, 0.08, 0)):
+                        item = incoming(f"question {i}")
+                        await in_send.send(item.advance(Tokenized, agent_id=f"a{i}", prompt_tokens=tuple(model.tokenizer.encode_chat(item.messages))))
+                        await trio.sleep(pause)
+            return [x async for x in out_recv], ctx.upstream
+
+    out, left = trio.run(main)
+    assert len(out) == 3 and left == 0
+    assert added[0] == 0 and added[1] > 0  # the first one runs alone; the others join while it decodes
+    if together:
+        assert added[1] == added[2]  # the second waited for the third: one join
+    else:
+        assert added[1] < added[2]
+
+
+def test_decode_holds_a_new_prompt_no_longer_than_join_hold_ms(scripted):
+    """Someone announced but never arriving does not keep a new prompt out for good."""
+    model = scripted(reply="word " * 60, token_delay_s=0.01)
+
+    async def main():
+        async with stage_context(model=model) as ctx:
+            ctx.upstream = 2  # the two requests sent here
+            stage = Decode(DecodeSettings(idle_gather_ms=0, join_hold_ms=100), ctx)
+            in_send, in_recv = trio.open_memory_channel(0)
+            out_send, out_recv = trio.open_memory_channel(math.inf)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stage.run, in_recv, out_send)
+                firsts = {}
+                async with in_send:
+                    items = []
+                    for i in range(2):
+                        item = incoming(f"question {i}")
+                        items.append(item)
+                        ctx.arriving = 1  # a request being read that never comes
+                        sent = trio.current_time()
+                        await in_send.send(item.advance(Tokenized, agent_id=f"a{i}", prompt_tokens=tuple(model.tokenizer.encode_chat(item.messages))))
+                        if i == 1:
+                            async for ev in item.request.events():
+                                if isinstance(ev, TextDelta):
+                                    firsts[i] = trio.current_time() - sent
+                                    break
+                        else:
+                            await trio.sleep(0.1)
+                ctx.arriving = 0
+            return firsts, [x async for x in out_recv]
+
+    firsts, out = trio.run(main)
+    assert len(out) == 2
+    assert 0.1 <= firsts[1] < 1.0  # held for join_hold_ms, then joined
+
+
+def test_decode_gathers_prompts_that_come_together_even_unannounced(scripted):
+    """Two prompts at once on an idle engine are a burst: a third a little later joins them,
+    though nothing counted it on its way (its client was slower to reach the server)."""
+    model = scripted(reply="ok")
+    added: list[int] = []
+
+    async def main():
+        async with stage_context(model=model) as ctx:
+            stage = Decode(DecodeSettings(idle_gather_ms=100), ctx)
+            in_send, in_recv = trio.open_memory_channel(0)
+            out_send, out_recv = trio.open_memory_channel(math.inf)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stage.run, in_recv, out_send)
+                engine = stage.engine
+                steps, add, step = [0], engine.add, engine.step
+
+                def counted_step():
+                    steps[0] += 1
+                    return step()
+
+                engine.add = lambda spec: (added.append(steps[0]), add(spec))[1]
+                engine.step = counted_step
+                async with in_send:
+                    for i, pause in enumerate((0, 0.03, 0)):
+                        item = incoming(f"question {i}")
+                        await in_send.send(item.advance(Tokenized, agent_id=f"b{i}", prompt_tokens=tuple(model.tokenizer.encode_chat(item.messages))))
+                        if pause:  # the first two back to back, as the schedule stage sends what it holds
+                            await trio.sleep(pause)
+            return [x async for x in out_recv]
+
+    assert len(trio.run(main)) == 3
+    assert added == [0, 0, 0]
