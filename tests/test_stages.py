@@ -389,63 +389,16 @@ def test_persist_stores_new_blocks_and_the_tail(scripted):
 
 
 
-@pytest.mark.parametrize(
-    "whole_prompt, upstream, gap_ms, gathered",
-    [
-        (16, 3, 100.0, True),  # long prompts: always gathered on an idle engine
-        (16, 3, 0.0, False),  # (no gathering)
-        (256, 3, 100.0, True),  # short ones: while others are on their way
-        (256, 1, 100.0, False),  # a lone short request never waits
-    ],
-)
-def test_decode_gathers_a_burst_of_new_prompts_on_an_idle_engine(scripted, whole_prompt, upstream, gap_ms, gathered):
-    """Prompts arriving a little apart on an idle engine start in one step (prefilled together)."""
-    model = scripted(reply="ok")
-    added: list[int] = []  # engine steps taken when each sequence was added
+def _arrivals(model, settings, sends, upstream=0):
+    """Run decode on ``sends`` — (prompt text, pause after it) — sent one by one, the engine's
+    steps counted. Returns the steps taken when each sequence was added (in order), the outputs,
+    and the upstream count left (``upstream``: requests the pipeline counts on their way)."""
+    added: dict[int, int] = {}
 
     async def main():
         async with stage_context(model=model) as ctx:
-            ctx.upstream = upstream  # as the pipeline counts requests on their way to decode
-            stage = Decode(DecodeSettings(whole_prompt=whole_prompt, idle_gather_ms=gap_ms), ctx)
-            in_send, in_recv = trio.open_memory_channel(0)
-            out_send, out_recv = trio.open_memory_channel(math.inf)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(stage.run, in_recv, out_send)
-                engine = stage.engine
-                steps, add, step = [0], engine.add, engine.step
-
-                def counted_step():
-                    steps[0] += 1
-                    return step()
-
-                engine.add = lambda spec: (added.append(steps[0]), add(spec))[1]
-                engine.step = counted_step
-                async with in_send:
-                    for i in range(3):
-                        item = incoming("a long question, number %d, well past sixteen tokens" % i)
-                        await in_send.send(item.advance(Tokenized, agent_id=f"a{i}", prompt_tokens=tuple(model.tokenizer.encode_chat(item.messages))))
-                        await trio.sleep(0.03)
-            return [x async for x in out_recv], ctx.upstream
-
-    out, left = trio.run(main)
-    assert len(out) == 3 and left == upstream - 3
-    if gathered:
-        assert added == [0, 0, 0]  # all three before the first step
-    else:
-        assert added[0] == 0 and added[-1] > 0  # the first one starts alone
-
-
-@pytest.mark.parametrize("hold_ms, together", [(300.0, True), (0.0, False)])
-def test_decode_holds_new_prompts_while_others_are_on_their_way(scripted, hold_ms, together):
-    """While a batch decodes, a new short prompt waits for the request behind it (one prefill
-    pass for both) — at most ``join_hold_ms``."""
-    model = scripted(reply="word " * 60, token_delay_s=0.01)
-    added: dict[int, int] = {}  # seq_id -> engine steps taken when it was added
-
-    async def main():
-        async with stage_context(model=model) as ctx:
-            ctx.upstream = 3  # as the pipeline counts the three requests on their way
-            stage = Decode(DecodeSettings(idle_gather_ms=0, join_hold_ms=hold_ms), ctx)
+            ctx.upstream = upstream
+            stage = Decode(settings, ctx)
             in_send, in_recv = trio.open_memory_channel(0)
             out_send, out_recv = trio.open_memory_channel(math.inf)
             async with trio.open_nursery() as nursery:
@@ -463,13 +416,44 @@ def test_decode_holds_new_prompts_while_others_are_on_their_way(scripted, hold_m
 
                 engine.add, engine.step = counted_add, counted_step
                 async with in_send:
-                    for i, pause in enumerate((0.15, 0.08, 0)):
-                        item = incoming(f"question {i}")
+                    for i, (text, pause) in enumerate(sends):
+                        item = incoming(text)
                         await in_send.send(item.advance(Tokenized, agent_id=f"a{i}", prompt_tokens=tuple(model.tokenizer.encode_chat(item.messages))))
-                        await trio.sleep(pause)
+                        if pause:  # none: back to back, as the schedule stage sends what it holds
+                            await trio.sleep(pause)
             return [x async for x in out_recv], ctx.upstream
 
     out, left = trio.run(main)
+    return [added[k] for k in sorted(added)], out, left
+
+
+@pytest.mark.parametrize(
+    "whole_prompt, upstream, gap_ms, gathered",
+    [
+        (16, 3, 100.0, True),  # long prompts: always gathered on an idle engine
+        (16, 3, 0.0, False),  # (no gathering)
+        (256, 3, 100.0, True),  # short ones: while others are on their way
+        (256, 1, 100.0, False),  # a lone short request never waits
+    ],
+)
+def test_decode_gathers_a_burst_of_new_prompts_on_an_idle_engine(scripted, whole_prompt, upstream, gap_ms, gathered):
+    """Prompts arriving a little apart on an idle engine start in one step (prefilled together)."""
+    sends = [("a long question, number %d, well past sixteen tokens" % i, 0.03) for i in range(3)]
+    added, out, left = _arrivals(scripted(reply="ok"), DecodeSettings(whole_prompt=whole_prompt, idle_gather_ms=gap_ms), sends, upstream)
+    assert len(out) == 3 and left == upstream - 3
+    if gathered:
+        assert added == [0, 0, 0]  # all three before the first step
+    else:
+        assert added[0] == 0 and added[-1] > 0  # the first one starts alone
+
+
+@pytest.mark.parametrize("hold_ms, together", [(300.0, True), (0.0, False)])
+def test_decode_holds_new_prompts_while_others_are_on_their_way(scripted, hold_ms, together):
+    """While a batch decodes, a new short prompt waits for the request behind it (one prefill
+    pass for both) — at most ``join_hold_ms``."""
+    model = scripted(reply="word " * 60, token_delay_s=0.01)
+    sends = [(f"question {i}", pause) for i, pause in enumerate((0.15, 0.08, 0))]
+    added, out, left = _arrivals(model, DecodeSettings(idle_gather_ms=0, join_hold_ms=hold_ms), sends, upstream=3)
     assert len(out) == 3 and left == 0
     assert added[0] == 0 and added[1] > 0  # the first one runs alone; the others join while it decodes
     if together:
@@ -517,32 +501,6 @@ def test_decode_holds_a_new_prompt_no_longer_than_join_hold_ms(scripted):
 def test_decode_gathers_prompts_that_come_together_even_unannounced(scripted):
     """Two prompts at once on an idle engine are a burst: a third a little later joins them,
     though nothing counted it on its way (its client was slower to reach the server)."""
-    model = scripted(reply="ok")
-    added: list[int] = []
-
-    async def main():
-        async with stage_context(model=model) as ctx:
-            stage = Decode(DecodeSettings(idle_gather_ms=100), ctx)
-            in_send, in_recv = trio.open_memory_channel(0)
-            out_send, out_recv = trio.open_memory_channel(math.inf)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(stage.run, in_recv, out_send)
-                engine = stage.engine
-                steps, add, step = [0], engine.add, engine.step
-
-                def counted_step():
-                    steps[0] += 1
-                    return step()
-
-                engine.add = lambda spec: (added.append(steps[0]), add(spec))[1]
-                engine.step = counted_step
-                async with in_send:
-                    for i, pause in enumerate((0, 0.03, 0)):
-                        item = incoming(f"question {i}")
-                        await in_send.send(item.advance(Tokenized, agent_id=f"b{i}", prompt_tokens=tuple(model.tokenizer.encode_chat(item.messages))))
-                        if pause:  # the first two back to back, as the schedule stage sends what it holds
-                            await trio.sleep(pause)
-            return [x async for x in out_recv]
-
-    assert len(trio.run(main)) == 3
-    assert added == [0, 0, 0]
+    sends = [(f"question {i}", pause) for i, pause in enumerate((0, 0.03, 0))]
+    added, out, _ = _arrivals(scripted(reply="ok"), DecodeSettings(idle_gather_ms=100), sends)
+    assert len(out) == 3 and added == [0, 0, 0]
