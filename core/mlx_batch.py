@@ -264,7 +264,9 @@ class MLXBatchEngine(BatchEngine):
                     self._base_s = _ema(self._base_s, per_step + st.prompt_time)
             events = self._first_tokens() + self._events(responses)
         chunk = 0
-        if self._long:
+        if self._long and not (prefill_tokens and self._decoding):
+            # a step that already prefilled joining prompts takes no chunk too: streams would
+            # wait for both at once
             dt, chunk = self._prefill_long()
             prefill_s += dt
             prefill_tokens += chunk

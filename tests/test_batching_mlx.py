@@ -199,6 +199,23 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(mlx, smollm):
     assert kv.payload[0].offset == len(kv.tokens)
 
 
+def test_a_step_that_prefills_joining_prompts_takes_no_long_prompt_chunk(mlx, smollm):
+    """Running streams wait for a join's prefill or a long prompt's chunk, never both in one step."""
+    ps = prompts(smollm)
+    long_prompt = tuple(smollm.tokenizer.encode_chat([ChatMessage("user", "Summarize: " + "the quick brown fox jumps over the lazy dog. " * 30)]))
+    specs = [
+        SequenceSpec(0, ps[3], None, 0, SamplingParams(max_tokens=120, temperature=0)),
+        SequenceSpec(1, long_prompt, None, 0, SamplingParams(max_tokens=2, temperature=0)),
+    ] + [SequenceSpec(i, ps[i % 3], None, 0, SamplingParams(max_tokens=2, temperature=0)) for i in range(2, 6)]
+    options = BatchOptions(max_batch=8, prefill_chunk=64, prefill_share=1.0, whole_prompt=64)
+    tokens, _, stats = mlx.run_sync(partial(run_engine, join_every=2, options=options), smollm, specs)
+    joins = [s for s, _ in stats if s.prefill_tokens > s.chunk]
+    chunks = [s for s, _ in stats if s.chunk]
+    assert len(joins) >= 3 and len(chunks) >= 3  # joins happened while the long prompt was prefilled
+    assert not [s for s in joins if s.chunk], "a step took a join's prefill and a long-prompt chunk"
+    assert all(len(tokens[i]) == 2 for i in range(1, 6))
+
+
 def test_a_short_prompt_joining_a_running_batch_is_prefilled_in_one_pass(mlx, smollm):
     ps = prompts(smollm)
     running = SequenceSpec(0, ps[3], None, 0, SamplingParams(max_tokens=40, temperature=0))
