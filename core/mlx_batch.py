@@ -44,7 +44,6 @@ def make_sampler(params: SamplingParams, vocab_size: int) -> Any:
     without one, equal settings share one sampler, and a batch of them samples in one call.
     """
     import mlx.core as mx
-    from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
     if params.temperature <= 0:
         return None
@@ -58,28 +57,31 @@ def make_sampler(params: SamplingParams, vocab_size: int) -> Any:
     def sample(logits: Any) -> Any:
         nonlocal key
         key, sub = mx.random.split(key)
-        if top_p:
-            logits = apply_top_p(logits - mx.logsumexp(logits, axis=-1, keepdims=True), top_p)
-        if top_k:
-            logits = apply_top_k(logits, top_k)
-        return mx.random.categorical(logits * scale, key=sub)
+        return mx.random.categorical(_truncated(logits, top_p, top_k) * scale, key=sub)
 
     return sample
+
+
+def _truncated(logits: Any, top_p: float, top_k: int) -> Any:
+    """Raw logits with top_p (on normalized log-probabilities) and top_k applied; 0 is off."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_k, apply_top_p
+
+    if top_p:
+        logits = apply_top_p(logits - mx.logsumexp(logits, axis=-1, keepdims=True), top_p)
+    if top_k:
+        logits = apply_top_k(logits, top_k)
+    return logits
 
 
 @functools.lru_cache(maxsize=64)
 def _shared_sampler(temperature: float, top_p: float, top_k: int) -> Any:
     import mlx.core as mx
-    from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
     scale = 1.0 / temperature
 
     def sample(logits: Any) -> Any:
-        if top_p:
-            logits = apply_top_p(logits - mx.logsumexp(logits, axis=-1, keepdims=True), top_p)
-        if top_k:
-            logits = apply_top_k(logits, top_k)
-        return mx.random.categorical(logits * scale)
+        return mx.random.categorical(_truncated(logits, top_p, top_k) * scale)
 
     return sample
 

@@ -13,7 +13,7 @@ SwiGLU's sigmoid. The stand-ins compute ``exp(x)`` as ``2 ** (x * log2 e)``:
 
 Both agree with mlx-lm's to float32 rounding (the tests compare them; on the embedded model the
 logits of a 700-token prompt differ by < 1e-4 and every argmax agrees). Anything they do not
-cover — other dtypes, attention sinks, quantized KV caches, per-head masks — goes to mlx-lm's own.
+cover — other dtypes, attention sinks, quantized KV caches, masks of other ranks — goes to mlx-lm's own.
 
 mlx-lm model modules look both names up as module globals at call time, so :func:`use_fast_kernels`
 swaps them in the modules a loaded model is built from. That is process-wide for those model
@@ -27,9 +27,6 @@ import sys
 from typing import Any
 
 LOG2E = 1.4426950408889634
-
-_NAMES = ("swiglu", "scaled_dot_product_attention")
-
 
 @functools.cache
 def _kernels() -> dict[str, Any]:
@@ -108,8 +105,7 @@ def use_fast_kernels(model: Any, enabled: bool = True) -> list[str]:
         module = sys.modules.get(name)
         if module is None or not name.startswith("mlx_lm.models."):
             continue
-        for attr in _NAMES:
-            original, fast = kernels[attr]
+        for attr, (original, fast) in kernels.items():
             if getattr(module, attr, None) in (original, fast):
                 setattr(module, attr, fast if on else original)
                 if on:
