@@ -1,21 +1,37 @@
-"""An optimized BLAS on Linux, when the machine has one.
+"""Fast float32 matmuls on Linux: an optimized BLAS, and our skinny GEMM in front of it.
 
 MLX's Linux CPU wheel links a slow reference BLAS; preloading OpenBLAS makes prefill about ten
-times faster (see docs). The library must be preloaded before the process starts, so ``semantic
-serve`` re-executes itself once with ``LD_PRELOAD`` set. ``SEMANTIC_BLAS`` chooses: ``auto``
-(default: use OpenBLAS if installed), ``reference`` (never preload), or a path to a
-``libopenblas.so``. Debian/Ubuntu: ``apt-get install libopenblas0-pthread``.
+times faster (see docs). A decode step multiplies one row per sequence by every weight matrix,
+where a general GEMM (OpenBLAS's too) spends its time packing weights it reads once: the skinny
+GEMM (``skinny_gemm.c``, built here on first use with the machine's C compiler) takes those
+calls and streams each weight matrix once. Both must be preloaded before the process starts,
+so ``semantic serve`` re-executes itself once with ``LD_PRELOAD`` set.
+
+``SEMANTIC_BLAS`` chooses the BLAS: ``auto`` (default: OpenBLAS if installed), ``reference``
+(never preload), or a path to a ``libopenblas.so``. Debian/Ubuntu: ``apt-get install
+libopenblas0-pthread``. ``SEMANTIC_SKINNY_GEMM``: ``auto`` (default: build and preload when a C
+compiler is found) or ``off``. ``CC`` names the compiler (default ``cc``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
+import hashlib
 import os
+import platform as _platform
+import random
+import shutil
+import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 ENV = "SEMANTIC_BLAS"
+SKINNY_ENV = "SEMANTIC_SKINNY_GEMM"
+SKINNY_SOURCE = Path(__file__).with_name("skinny_gemm.c")
+SKINNY_FLAGS = ("-O3", "-ffp-contract=fast", "-shared", "-fPIC")
 _KNOWN = tuple(
     f"/usr/lib/{arch}-linux-gnu/{sub}libopenblas.so.0"
     for arch in ("x86_64", "aarch64")
@@ -36,19 +52,116 @@ def find_openblas(env: Mapping[str, str] = os.environ, platform: str = sys.platf
     return ctypes.util.find_library("openblas")
 
 
-def reexec_plan(argv: Sequence[str], env: Mapping[str, str] = os.environ, platform: str = sys.platform) -> tuple[list[str], dict[str, str]] | None:
-    """The command and environment to re-execute with OpenBLAS preloaded, or None if not needed."""
-    lib = find_openblas(env, platform)
-    if lib is None or lib in env.get("LD_PRELOAD", "").split(":"):
+def skinny_gemm(env: Mapping[str, str] = os.environ, platform: str = sys.platform) -> tuple[str | None, str]:
+    """The skinny-GEMM library to preload, built on first use, and why (path, reason).
+
+    The path is None when not on Linux, turned off, without a C compiler, or when the build or
+    its self-check failed; the reason says which. Built with ``-march=native`` for this machine
+    (the cache key includes the CPU's flags), and checked against sums in Python before use.
+    """
+    if platform != "linux":
+        return None, "not Linux"
+    if env.get(SKINNY_ENV, "auto") == "off":
+        return None, f"{SKINNY_ENV}=off"
+    cc = shutil.which(env.get("CC", "cc"))
+    if cc is None:
+        return None, f"no C compiler ({env.get('CC', 'cc')} not found)"
+    from .paths import cache_dir
+
+    source = SKINNY_SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), _platform.machine().encode(), _cpu_flags()])).hexdigest()[:16]
+    lib = cache_dir() / "native" / f"skinny_gemm-{key}.so"
+    if not lib.is_file():
+        error = _build(cc, lib)
+        if error:
+            return None, error
+    problem = _self_check(lib)
+    return (None, problem) if problem else (str(lib), "built for this machine")
+
+
+def _cpu_flags() -> bytes:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.encode()
+    except OSError:
+        pass
+    return b""
+
+
+def _build(cc: str, lib: Path) -> str | None:
+    """Compile into ``lib`` atomically; the error, or None."""
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    error = "build failed"
+    try:
+        for arch in (["-march=native"], []):  # some compilers have no -march=native
+            cmd = [cc, *SKINNY_FLAGS, *arch, "-o", tmp, str(SKINNY_SOURCE), "-ldl"]
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                error = f"build failed: {e}"
+                continue
+            if out.returncode == 0:
+                os.replace(tmp, lib)
+                for old in lib.parent.glob("skinny_gemm-*.so"):  # builds of older sources
+                    if old != lib:
+                        old.unlink(missing_ok=True)
+                return None
+            error = f"build failed: {' '.join(cmd)}: {out.stderr.strip()[-500:]}"
+        return error
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _self_check(lib: Path) -> str | None:
+    """Call the library's skinny path on small random problems; a problem, or None."""
+    try:
+        f = ctypes.CDLL(str(lib)).cblas_sgemm
+    except OSError as e:
+        return f"cannot load {lib}: {e}"
+    rng = random.Random(0)
+    for m, n, k in ((1, 7, 37), (2, 5, 16), (4, 9, 70)):
+        a = [rng.uniform(-1, 1) for _ in range(m * k)]
+        b = [rng.uniform(-1, 1) for _ in range(n * k)]
+        c = (ctypes.c_float * (m * n))()
+        fa, fb = (ctypes.c_float * len(a))(*a), (ctypes.c_float * len(b))(*b)
+        f(101, 111, 112, m, n, k, ctypes.c_float(1.0), fa, k, fb, k, ctypes.c_float(0.0), c, n)
+        for i in range(m):
+            for j in range(n):
+                want = sum(fa[i * k + t] * fb[j * k + t] for t in range(k))
+                if abs(c[i * n + j] - want) > 1e-4 * (1 + abs(want)):
+                    return f"self-check failed: {lib} computed {c[i * n + j]} for {want}"
+    return None
+
+
+def preload_libraries(env: Mapping[str, str] = os.environ, platform: str = sys.platform) -> list[str]:
+    """What to preload, in order: the skinny GEMM (it passes other calls on), then OpenBLAS."""
+    return [lib for lib in (skinny_gemm(env, platform)[0], find_openblas(env, platform)) if lib]
+
+
+def reexec_plan(
+    argv: Sequence[str],
+    env: Mapping[str, str] = os.environ,
+    platform: str = sys.platform,
+    libraries: Sequence[str] | None = None,
+) -> tuple[list[str], dict[str, str]] | None:
+    """The command and environment to re-execute with ``libraries`` (default: the ones this
+    machine should preload) in front of ``LD_PRELOAD``, or None when they are all there."""
+    libs = preload_libraries(env, platform) if libraries is None else list(libraries)
+    have = env.get("LD_PRELOAD", "").split(":")
+    if not libs or all(lib in have for lib in libs):
         return None
     new_env = dict(env)
-    new_env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
-    new_env.setdefault("OPENBLAS_NUM_THREADS", str(os.cpu_count() or 1))
+    new_env["LD_PRELOAD"] = ":".join([*libs, *(p for p in have if p and p not in libs)])
+    if find_openblas(env, platform) in libs:
+        new_env.setdefault("OPENBLAS_NUM_THREADS", str(os.cpu_count() or 1))
     return [sys.executable, "-m", "semantic.cli", *argv], new_env
 
 
 def ensure_preloaded(argv: Sequence[str]) -> None:
-    """Re-execute this command with OpenBLAS preloaded when that helps (returns if not)."""
+    """Re-execute this command with the fast libraries preloaded when that helps (returns if not)."""
     plan = reexec_plan(argv)
     if plan is not None:
         sys.stdout.flush()
@@ -58,11 +171,20 @@ def ensure_preloaded(argv: Sequence[str]) -> None:
 
 def loaded_blas() -> str | None:
     """Path of the OpenBLAS library mapped into this process, if any."""
+    return _mapped("openblas")
+
+
+def loaded_skinny_gemm() -> str | None:
+    """Path of the skinny-GEMM library mapped into this process, if any."""
+    return _mapped("skinny_gemm-")
+
+
+def _mapped(fragment: str) -> str | None:
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
     for line in maps.splitlines():
-        if "openblas" in line and "/" in line:
+        if fragment in line and "/" in line:
             return line[line.index("/") :].strip()
     return None

@@ -40,13 +40,14 @@ def _load(ref: str, registry: Registry) -> tuple[PipelineConfig, Path]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
-    from .blas import loaded_blas
+    from .blas import loaded_blas, loaded_skinny_gemm
     from .server import serve
 
-    blas = loaded_blas()
-    logging.getLogger("semantic").info(
-        "BLAS: %s", f"OpenBLAS ({blas})" if blas else "MLX's reference BLAS (on Linux, apt-get install libopenblas0-pthread: ~10x faster prefill)"
-    )
+    blas, skinny = loaded_blas(), loaded_skinny_gemm()
+    log = logging.getLogger("semantic")
+    log.info("BLAS: %s", f"OpenBLAS ({blas})" if blas else "MLX's reference BLAS (on Linux, apt-get install libopenblas0-pthread: ~10x faster prefill)")
+    if sys.platform == "linux":
+        log.info("skinny GEMM: %s", skinny or "not loaded (`semantic blas` says why)")
 
     registry = Registry.from_plugins()
     config, path = _load(args.pipeline, registry)
@@ -105,10 +106,13 @@ def cmd_plugins(_args: argparse.Namespace) -> int:
 
 
 def cmd_blas(_args: argparse.Namespace) -> int:
-    from .blas import find_openblas, loaded_blas
+    from .blas import find_openblas, loaded_blas, loaded_skinny_gemm, skinny_gemm
 
+    lib, why = skinny_gemm()
     print(f"preload: {find_openblas() or 'none'}")
     print(f"loaded: {loaded_blas() or 'reference'}")
+    print(f"skinny GEMM: {lib or 'none'} ({why})")
+    print(f"skinny GEMM loaded: {loaded_skinny_gemm() or 'no'}")
     return 0
 
 
@@ -131,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
     pl.add_parser("list", help="list shipped pipelines").set_defaults(func=cmd_list)
 
     sub.add_parser("plugins", help="list what the installed plugins register").set_defaults(func=cmd_plugins)
-    sub.add_parser("blas", help="which BLAS the server preloads (SEMANTIC_BLAS) and uses").set_defaults(func=cmd_blas)
+    sub.add_parser("blas", help="which BLAS and skinny GEMM the server preloads (SEMANTIC_BLAS, SEMANTIC_SKINNY_GEMM) and uses").set_defaults(func=cmd_blas)
     return p
 
 
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("serve", "blas"):
         from .blas import ensure_preloaded
 
-        ensure_preloaded(argv)  # re-executes once with OpenBLAS when the machine has it
+        ensure_preloaded(argv)  # re-executes once with OpenBLAS and the skinny GEMM when they apply
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

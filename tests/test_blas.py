@@ -1,15 +1,20 @@
-"""Preloading an optimized BLAS on Linux: when, how, and that the re-executed server really has it."""
+"""Preloading an optimized BLAS and the skinny GEMM on Linux: when, how, that the re-executed
+server really has them, and that the skinny GEMM computes what MLX would."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from semantic.blas import find_openblas, reexec_plan
+from semantic.blas import _self_check, find_openblas, reexec_plan, skinny_gemm
+
+HAS_CC = sys.platform == "linux" and shutil.which("cc") is not None
 
 
 def test_choice_and_platform(tmp_path):
@@ -24,21 +29,97 @@ def test_choice_and_platform(tmp_path):
 def test_reexec_plan_prepends_the_library_once(tmp_path):
     lib = str(tmp_path / "libopenblas.so.0")
     open(lib, "wb").close()
-    cmd, env = reexec_plan(["serve", "--port", "0"], {"SEMANTIC_BLAS": lib, "LD_PRELOAD": "/x/other.so"}, "linux")
+    cmd, env = reexec_plan(["serve", "--port", "0"], {"SEMANTIC_BLAS": lib, "SEMANTIC_SKINNY_GEMM": "off", "LD_PRELOAD": "/x/other.so"}, "linux")
     assert cmd[1:] == ["-m", "semantic.cli", "serve", "--port", "0"]
     assert env["LD_PRELOAD"] == f"{lib}:/x/other.so" and env["OPENBLAS_NUM_THREADS"]
     assert reexec_plan(["serve"], env, "linux") is None  # already preloaded: no loop
-    assert reexec_plan(["serve"], {"SEMANTIC_BLAS": "reference"}, "linux") is None
+    assert reexec_plan(["serve"], {"SEMANTIC_BLAS": "reference", "SEMANTIC_SKINNY_GEMM": "off"}, "linux") is None
 
 
-@pytest.mark.skipif(sys.platform != "linux" or not shutil.which("cc"), reason="needs Linux and a C compiler")
+@pytest.mark.skipif(not HAS_CC, reason="needs Linux and a C compiler")
 def test_the_reexecuted_process_has_the_library_mapped(tmp_path):
     src = tmp_path / "stub.c"
     src.write_text("int semantic_blas_stub(void) { return 1; }\n")
     lib = tmp_path / "libopenblas.so.0"  # a stand-in: only its being mapped is checked
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
-    env = {**os.environ, "SEMANTIC_BLAS": str(lib)}
+    env = {**os.environ, "SEMANTIC_BLAS": str(lib), "SEMANTIC_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("LD_PRELOAD", None)
-    out = subprocess.run([sys.executable, "-m", "semantic.cli", "blas"], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "semantic.cli", "blas"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"preload: {lib}" in out.stdout and f"loaded: {lib}" in out.stdout
+    skinny = next(tmp_path.glob("cache/native/skinny_gemm-*.so"))
+    assert f"skinny GEMM: {skinny} (built for this machine)" in out.stdout
+    assert f"skinny GEMM loaded: {skinny}" in out.stdout
+
+
+def test_plan_puts_the_skinny_gemm_before_the_blas():
+    """It passes every other call on to the next cblas_sgemm, so it must come first."""
+    libs = ["/c/skinny_gemm-1.so", "/b/libopenblas.so.0"]
+    cmd, env = reexec_plan(["serve"], {"LD_PRELOAD": "/b/libopenblas.so.0:/x/other.so"}, "linux", libs)
+    assert env["LD_PRELOAD"] == "/c/skinny_gemm-1.so:/b/libopenblas.so.0:/x/other.so"
+    assert reexec_plan(["serve"], env, "linux", libs) is None
+    assert reexec_plan(["serve"], {}, "linux", []) is None
+    _, env = reexec_plan(["serve"], {}, "linux", libs[:1])  # no OpenBLAS: MLX's own BLAS is next
+    assert env["LD_PRELOAD"] == libs[0] and "OPENBLAS_NUM_THREADS" not in env
+
+
+def test_when_there_is_no_skinny_gemm(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEMANTIC_CACHE_DIR", str(tmp_path))
+    assert skinny_gemm({}, "darwin") == (None, "not Linux")
+    assert skinny_gemm({"SEMANTIC_SKINNY_GEMM": "off"}, "linux") == (None, "SEMANTIC_SKINNY_GEMM=off")
+    lib, why = skinny_gemm({"CC": str(tmp_path / "no-such-cc")}, "linux")
+    assert lib is None and why.startswith("no C compiler")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs Linux and a C compiler")
+def test_the_library_is_built_once_and_checked(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEMANTIC_CACHE_DIR", str(tmp_path))
+    lib, why = skinny_gemm({}, "linux")
+    assert why == "built for this machine" and Path(lib).parent == tmp_path / "native"
+    built = Path(lib).stat().st_mtime_ns
+    assert skinny_gemm({}, "linux")[0] == lib and Path(lib).stat().st_mtime_ns == built
+    assert [p.name for p in (tmp_path / "native").iterdir()] == [Path(lib).name]  # no temporary left
+    # a library that computes the wrong thing is refused
+    bad = tmp_path / "bad.c"
+    bad.write_text("void cblas_sgemm(int o, int ta, int tb, int m, int n, int k, float al, const float *a, int lda,\n"
+                   "  const float *b, int ldb, float be, float *c, int ldc) { for (int i = 0; i < m * n; i++) c[i] = 1.0f; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "bad.so"), str(bad)], check=True)
+    assert _self_check(tmp_path / "bad.so").startswith("self-check failed")
+    assert _self_check(Path(lib)) is None
+
+
+def _child(mode: str, preload: list[str]) -> dict:
+    env = {**os.environ, "LD_PRELOAD": ":".join(preload)}
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("skinny_child.py")), mode], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def preload():
+    """The skinny GEMM and, when the machine has it, OpenBLAS."""
+    lib, why = skinny_gemm(os.environ, "linux")
+    assert lib, why
+    return [lib, *filter(None, [find_openblas()])]
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs Linux and a C compiler")
+def test_skinny_gemm_computes_what_mlx_does(preload):
+    """Through MLX: decode-shaped products within float32 rounding of float64, each row bitwise the
+    same for any M it takes; alpha/beta, a wider leading dimension and transposed A stay right."""
+    got = _child("numerics", preload)
+    assert got["skinny"] > 0 and got["passed"] > 0, got  # it took some calls and passed others on
+    assert got["worst"] < 2e-6 and got["variant_rows"] == [], got
+    assert max(got["addmm"], got["sliced"], got["transposed"]) < 1e-4, got
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not HAS_CC, reason="needs Linux and a C compiler")
+def test_the_embedded_model_with_the_skinny_gemm(preload, smollm):
+    """Greedy tokens are the same alone and batched, and the same as without the library."""
+    fast = _child("tokens", preload)
+    assert fast["skinny"] > 0
+    assert fast["alone"] == fast["together"]
+    plain = _child("tokens", preload[1:])
+    assert plain["skinny"] == 0 and plain["alone"] == fast["alone"]

