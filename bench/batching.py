@@ -244,12 +244,15 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from semantic.blas import skinny_gemm
     from semantic.paths import cache_dir
     from semantic.pipelines import shipped
 
     results: dict = {
         "bench": "batching", "model": "smollm2-135m-instruct (float32)", "machine": platform.platform(),
         "cpus": os.cpu_count(), "blas": blas or "reference", "max_tokens": args.max_tokens, "throughput": {},
+        # semantic serve preloads it (mlx_lm.server and the in-process parts run without it)
+        "skinny_gemm": "{} ({})".format(*skinny_gemm()),
     }  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="semantic-bench-"))
     data = yaml.safe_load(shipped()["default"].read_text())

@@ -71,7 +71,7 @@ def skinny_gemm(env: Mapping[str, str] = os.environ, platform: str = sys.platfor
     source = SKINNY_SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, cc.encode(), _platform.machine().encode(), _cpu_flags()])).hexdigest()[:16]
     lib = cache_dir() / "native" / f"skinny_gemm-{key}.so"
-    if not lib.is_file():
+    if not _ours(lib):
         error = _build(cc, lib)
         if error:
             return None, error
@@ -89,9 +89,19 @@ def _cpu_flags() -> bytes:
     return b""
 
 
+def _ours(lib: Path) -> bool:
+    """A library we built: a file owned by this user that nobody else may write (it is preloaded
+    into the server, so anything else is rebuilt)."""
+    try:
+        st = lib.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022 and lib.is_file()
+
+
 def _build(cc: str, lib: Path) -> str | None:
     """Compile into ``lib`` atomically; the error, or None."""
-    lib.parent.mkdir(parents=True, exist_ok=True)
+    lib.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     error = "build failed"
@@ -104,6 +114,7 @@ def _build(cc: str, lib: Path) -> str | None:
                 error = f"build failed: {e}"
                 continue
             if out.returncode == 0:
+                os.chmod(tmp, 0o755)
                 os.replace(tmp, lib)
                 for old in lib.parent.glob("skinny_gemm-*.so"):  # builds of older sources
                     if old != lib:

@@ -80,6 +80,8 @@ def test_the_library_is_built_once_and_checked(monkeypatch, tmp_path):
     built = Path(lib).stat().st_mtime_ns
     assert skinny_gemm({}, "linux")[0] == lib and Path(lib).stat().st_mtime_ns == built
     assert [p.name for p in (tmp_path / "native").iterdir()] == [Path(lib).name]  # no temporary left
+    Path(lib).chmod(0o777)  # anybody could have replaced it: built again
+    assert skinny_gemm({}, "linux")[0] == lib and Path(lib).stat().st_mode & 0o022 == 0
     # a library that computes the wrong thing is refused
     bad = tmp_path / "bad.c"
     bad.write_text("void cblas_sgemm(int o, int ta, int tb, int m, int n, int k, float al, const float *a, int lda,\n"
