@@ -251,7 +251,7 @@ def main() -> None:
     results: dict = {
         "bench": "batching", "model": "smollm2-135m-instruct (float32)", "machine": platform.platform(),
         "cpus": os.cpu_count(), "blas": blas or "reference", "max_tokens": args.max_tokens, "throughput": {},
-        # semantic serve preloads it (mlx_lm.server and the in-process parts run without it)
+        # semantic serve and the in-process parts have it; mlx_lm.server runs without it
         "skinny_gemm": "{} ({})".format(*skinny_gemm()),
     }  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="semantic-bench-"))

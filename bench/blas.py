@@ -1,11 +1,13 @@
-"""Bench: MLX's reference BLAS against a preloaded OpenBLAS, same prompt, same run (Linux CPU).
+"""Bench: MLX's reference BLAS, a preloaded OpenBLAS, and OpenBLAS with the skinny GEMM in front,
+same prompt, same run (Linux CPU).
 
     .venv/bin/python bench/blas.py [--tokens 512]
 
-Starts ``semantic serve`` twice — SEMANTIC_BLAS=reference, then auto (OpenBLAS if installed) —
-and reports cold time to first token and decode tokens/s for the same prompt. Prints JSON and
-writes bench/results/blas.json. Target: OpenBLAS prefill several times faster (about 10× measured
-on these machines for bare mlx-lm calls).
+Starts ``semantic serve`` three times — SEMANTIC_BLAS=reference and SEMANTIC_SKINNY_GEMM=off; auto
+(OpenBLAS if installed) and off; auto and auto (the default) — and reports cold time to first token
+and decode tokens/s for the same prompt. Prints JSON and writes bench/results/blas.json. Targets:
+OpenBLAS prefill several times faster (about 10× measured on these machines for bare mlx-lm
+calls); the skinny GEMM's single-sequence decode faster again (it takes no prefill products).
 """
 
 from __future__ import annotations
@@ -25,23 +27,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 from resume_ttft import RESULTS, prompt_of, semantic_server  # noqa: E402
 
 
-def run(pipeline: Path, system: str, blas: str) -> dict:
-    os.environ["SEMANTIC_BLAS"] = blas
+def run(pipeline: Path, system: str, blas: str, skinny: str) -> dict:
+    os.environ["SEMANTIC_BLAS"], os.environ["SEMANTIC_SKINNY_GEMM"] = blas, skinny
     server = semantic_server(pipeline)
     try:
         loaded = next((line.split("BLAS: ", 1)[1].strip() for line in server.lines if "BLAS: " in line), "?")
-        body = {"model": "smollm2", "max_tokens": 24, "stream": True, "temperature": 0, "system": system,
+        gemm = next((line.split("skinny GEMM: ", 1)[1].strip() for line in server.lines if "skinny GEMM: " in line), "?")
+        body = {"model": "smollm2", "max_tokens": 48, "stream": True, "temperature": 0, "system": system,
                 "messages": [{"role": "user", "content": "Summarise."}]}
         t0 = time.perf_counter()
         first = last = None
         deltas = 0
-        with httpx.stream("POST", f"{server.url}/v1/messages", json=body, headers={"x-agent-id": blas}, timeout=3600) as r:
+        with httpx.stream("POST", f"{server.url}/v1/messages", json=body, headers={"x-agent-id": f"{blas}-{skinny}"}, timeout=3600) as r:
             for line in r.iter_lines():
                 if "content_block_delta" in line and line.startswith("data:"):
                     last = time.perf_counter()
                     first = first or last
                     deltas += 1
-        return {"blas": loaded, "ttft_s": first - t0, "decode_tok_s": (deltas - 1) / (last - first) if deltas > 1 else None}
+        return {"blas": loaded, "skinny_gemm": gemm, "ttft_s": first - t0, "decode_tok_s": (deltas - 1) / (last - first) if deltas > 1 else None}
     finally:
         server.stop()
 
@@ -62,14 +65,18 @@ def main() -> None:
     semantic_server(pipeline).stop()  # converts the model once, outside the timings
     tokenizer = AutoTokenizer.from_pretrained(str(next((cache_dir() / "models").glob("SmolLM2-135M-Instruct*-float32-v*"))))
     system = prompt_of(args.tokens, tokenizer)
-    reference, openblas = run(pipeline, system, "reference"), run(pipeline, system, "auto")
+    reference = run(pipeline, system, "reference", "off")
+    openblas = run(pipeline, system, "auto", "off")
+    skinny = run(pipeline, system, "auto", "auto")
     result = {
         "bench": "blas",
         "prompt_tokens": args.tokens,
         "reference": reference,
         "auto": openblas,
+        "auto_skinny": skinny,
         "prefill_speedup": reference["ttft_s"] / openblas["ttft_s"],
         "decode_speedup": (openblas["decode_tok_s"] or 0) / (reference["decode_tok_s"] or 1),
+        "skinny_decode_speedup": (skinny["decode_tok_s"] or 0) / (openblas["decode_tok_s"] or 1),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "blas.json").write_text(json.dumps(result, indent=2))

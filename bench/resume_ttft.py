@@ -95,13 +95,14 @@ def ttft_openai(url: str, system: str, user: str) -> float:
 
 
 def with_blas(script: str) -> str | None:
-    """The optimized BLAS serve would use; if it is not preloaded yet, run ``script`` again with
-    it preloaded (so in-process parts and ``mlx_lm.server`` get the same BLAS as semantic)."""
-    from semantic.blas import find_openblas
+    """The optimized BLAS serve would use; if what serve preloads is not preloaded yet, run
+    ``script`` again with it (so in-process parts run as semantic does: OpenBLAS and the skinny
+    GEMM). ``mlx_lm.server`` is given the BLAS alone (``mlx_lm_server(blas=...)``)."""
+    from semantic.blas import find_openblas, preload_libraries
 
-    blas = find_openblas()
-    if blas and blas not in os.environ.get("LD_PRELOAD", ""):
-        env = {**os.environ, "LD_PRELOAD": blas, "OPENBLAS_NUM_THREADS": str(os.cpu_count() or 1)}
+    blas, libs = find_openblas(), preload_libraries()
+    if libs and not set(libs) <= set(os.environ.get("LD_PRELOAD", "").split(":")):
+        env = {**os.environ, "LD_PRELOAD": ":".join(libs), "OPENBLAS_NUM_THREADS": str(os.cpu_count() or 1)}
         os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]], env)
     return blas
 

@@ -48,7 +48,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("semantic-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert all(n.startswith(("semantic/", "semantic-")) for n in names), names
-    for expected in ("semantic/__init__.py", "semantic/stages/decode.py", "semantic/plugins/gguf.py", "semantic/pipelines/default.yaml", "semantic/pipelines/claude-code.yaml"):
+    for expected in ("semantic/__init__.py", "semantic/stages/decode.py", "semantic/plugins/gguf.py", "semantic/pipelines/default.yaml", "semantic/pipelines/claude-code.yaml", "semantic/skinny_gemm.c"):
         assert expected in names
 
     venv = tmp_path / "venv"
