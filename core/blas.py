@@ -8,9 +8,10 @@ calls and streams each weight matrix once. Both must be preloaded before the pro
 so ``semantic serve`` re-executes itself once with ``LD_PRELOAD`` set.
 
 ``SEMANTIC_BLAS`` chooses the BLAS: ``auto`` (default: OpenBLAS if installed), ``reference``
-(never preload), or a path to a ``libopenblas.so``. Debian/Ubuntu: ``apt-get install
+(no OpenBLAS), or a path to a ``libopenblas.so``. Debian/Ubuntu: ``apt-get install
 libopenblas0-pthread``. ``SEMANTIC_SKINNY_GEMM``: ``auto`` (default: build and preload when a C
-compiler is found) or ``off``. ``CC`` names the compiler (default ``cc``).
+compiler is found) or ``off``. ``CC`` names the compiler (default ``cc``). The library passes
+other products on to the next ``cblas_sgemm`` in the process: OpenBLAS, or MLX's own.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import math
 import os
 import platform as _platform
 import random
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -56,25 +60,36 @@ def skinny_gemm(env: Mapping[str, str] = os.environ, platform: str = sys.platfor
     """The skinny-GEMM library to preload, built on first use, and why (path, reason).
 
     The path is None when not on Linux, turned off, without a C compiler, or when the build or
-    its self-check failed; the reason says which. Built with ``-march=native`` for this machine
-    (the cache key includes the CPU's flags), and checked against sums in Python before use.
+    its self-check failed; the reason says which, and nothing here raises. Built with
+    ``-march=native`` for this machine (the cache key includes the CPU's flags) and checked
+    against sums in Python before each use. A failed build is remembered next to where the
+    library would be (delete ``<cache>/native/skinny_gemm-*.failed`` to try again).
     """
     if platform != "linux":
         return None, "not Linux"
     if env.get(SKINNY_ENV, "auto") == "off":
         return None, f"{SKINNY_ENV}=off"
-    cc = shutil.which(env.get("CC", "cc"))
-    if cc is None:
-        return None, f"no C compiler ({env.get('CC', 'cc')} not found)"
-    from .paths import cache_dir
+    cc = shlex.split(env.get("CC", "cc")) or ["cc"]
+    found = shutil.which(cc[0])
+    if found is None:
+        return None, f"no C compiler ({cc[0]} not found)"
+    cc[0] = found
+    try:
+        from .paths import cache_dir
 
-    source = SKINNY_SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), _platform.machine().encode(), _cpu_flags()])).hexdigest()[:16]
-    lib = cache_dir() / "native" / f"skinny_gemm-{key}.so"
-    if not _ours(lib):
-        error = _build(cc, lib)
-        if error:
-            return None, error
+        parts = [SKINNY_SOURCE.read_bytes(), " ".join([*cc, *SKINNY_FLAGS]).encode(), _platform.machine().encode(), _cpu_flags()]
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+        folder = cache_dir() / "native"
+        lib, failed = folder / f"skinny_gemm-{key}.so", folder / f"skinny_gemm-{key}.failed"
+        if failed.is_file():
+            return None, failed.read_text(errors="replace")
+        if not _ours(lib):
+            error = _build(cc, lib)
+            if error:
+                failed.write_text(f"{error} (delete {failed} to try again)")
+                return None, error
+    except (OSError, RuntimeError) as e:  # an unwritable cache, no home folder...
+        return None, f"build failed: {e}"
     problem = _self_check(lib)
     return (None, problem) if problem else (str(lib), "built for this machine")
 
@@ -89,25 +104,31 @@ def _cpu_flags() -> bytes:
     return b""
 
 
-def _ours(lib: Path) -> bool:
-    """A library we built: a file owned by this user that nobody else may write (it is preloaded
-    into the server, so anything else is rebuilt)."""
+def _private(path: Path, kind: int) -> bool:
     try:
-        st = lib.stat()
+        st = path.lstat()  # a symbolic link is not ours
     except OSError:
         return False
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022 and lib.is_file()
+    return stat.S_IFMT(st.st_mode) == kind and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
-def _build(cc: str, lib: Path) -> str | None:
+def _ours(lib: Path) -> bool:
+    """A library we built, in a folder only this user may write: it is preloaded into the
+    server, so anything else is rebuilt."""
+    return _private(lib.parent, stat.S_IFDIR) and _private(lib, stat.S_IFREG)
+
+
+def _build(cc: list[str], lib: Path) -> str | None:
     """Compile into ``lib`` atomically; the error, or None."""
     lib.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    if not _private(lib.parent, stat.S_IFDIR):
+        os.chmod(lib.parent, 0o700)  # raises if the folder is not ours
+    fd, tmp = tempfile.mkstemp(prefix="building-", suffix=".so", dir=lib.parent)
     os.close(fd)
     error = "build failed"
     try:
         for arch in (["-march=native"], []):  # some compilers have no -march=native
-            cmd = [cc, *SKINNY_FLAGS, *arch, "-o", tmp, str(SKINNY_SOURCE), "-ldl"]
+            cmd = [*cc, *SKINNY_FLAGS, *arch, "-o", tmp, str(SKINNY_SOURCE), "-ldl", "-lm"]
             try:
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             except (OSError, subprocess.TimeoutExpired) as e:
@@ -116,9 +137,6 @@ def _build(cc: str, lib: Path) -> str | None:
             if out.returncode == 0:
                 os.chmod(tmp, 0o755)
                 os.replace(tmp, lib)
-                for old in lib.parent.glob("skinny_gemm-*.so"):  # builds of older sources
-                    if old != lib:
-                        old.unlink(missing_ok=True)
                 return None
             error = f"build failed: {' '.join(cmd)}: {out.stderr.strip()[-500:]}"
         return error
@@ -126,24 +144,35 @@ def _build(cc: str, lib: Path) -> str | None:
         Path(tmp).unlink(missing_ok=True)
 
 
+# (rows, weight rows, K, lda, ldb, ldc, alpha, beta): tails of 1..15, wider leading dimensions,
+# alpha and beta; C starts as NaN where beta is 0 (BLAS never reads it then).
+_CHECKS = ((1, 7, 37, 37, 37, 7, 1.0, 0.0), (2, 5, 16, 20, 18, 6, 1.0, 0.0), (4, 9, 70, 70, 75, 9, 0.5, 2.0),
+           (3, 4, 31, 33, 31, 4, 1.0, 0.0), (8, 3, 24, 24, 24, 3, -1.5, 0.0), (1, 1, 1, 1, 1, 1, 1.0, 1.0))
+
+
 def _self_check(lib: Path) -> str | None:
-    """Call the library's skinny path on small random problems; a problem, or None."""
+    """Run the library's skinny path (whatever its row limit) on small random problems against
+    sums in Python; a problem, or None."""
     try:
-        f = ctypes.CDLL(str(lib)).cblas_sgemm
-    except OSError as e:
+        f = ctypes.CDLL(str(lib)).semantic_skinny_gemm
+    except (OSError, AttributeError) as e:
         return f"cannot load {lib}: {e}"
+    fl = ctypes.c_float
     rng = random.Random(0)
-    for m, n, k in ((1, 7, 37), (2, 5, 16), (4, 9, 70)):
-        a = [rng.uniform(-1, 1) for _ in range(m * k)]
-        b = [rng.uniform(-1, 1) for _ in range(n * k)]
-        c = (ctypes.c_float * (m * n))()
-        fa, fb = (ctypes.c_float * len(a))(*a), (ctypes.c_float * len(b))(*b)
-        f(101, 111, 112, m, n, k, ctypes.c_float(1.0), fa, k, fb, k, ctypes.c_float(0.0), c, n)
+    for m, n, k, lda, ldb, ldc, alpha, beta in _CHECKS:
+        a = (fl * (m * lda))(*[rng.uniform(-1, 1) for _ in range(m * lda)])
+        b = (fl * (n * ldb))(*[rng.uniform(-1, 1) for _ in range(n * ldb)])
+        c0 = [rng.uniform(-1, 1) if beta else math.nan for _ in range(m * ldc)]
+        c = (fl * (m * ldc))(*c0)
+        if not f(m, n, k, fl(alpha), a, lda, b, ldb, fl(beta), c, ldc):
+            return f"self-check failed: {lib} refused a {m}x{k} by {n}x{k} product"
         for i in range(m):
             for j in range(n):
-                want = sum(fa[i * k + t] * fb[j * k + t] for t in range(k))
-                if abs(c[i * n + j] - want) > 1e-4 * (1 + abs(want)):
-                    return f"self-check failed: {lib} computed {c[i * n + j]} for {want}"
+                dot = sum(a[i * lda + t] * b[j * ldb + t] for t in range(k))
+                want = alpha * dot + (beta * c0[i * ldc + j] if beta else 0.0)
+                got = c[i * ldc + j]
+                if not abs(got - want) <= 1e-4 * (1 + abs(want)):
+                    return f"self-check failed: {lib} computed {got} for {want}"
     return None
 
 

@@ -82,17 +82,35 @@ def test_the_library_is_built_once_and_checked(monkeypatch, tmp_path):
     assert [p.name for p in (tmp_path / "native").iterdir()] == [Path(lib).name]  # no temporary left
     Path(lib).chmod(0o777)  # anybody could have replaced it: built again
     assert skinny_gemm({}, "linux")[0] == lib and Path(lib).stat().st_mode & 0o022 == 0
+    Path(lib).parent.chmod(0o777)  # its folder too
+    assert skinny_gemm({}, "linux")[0] == lib and Path(lib).parent.stat().st_mode & 0o777 == 0o700
     # a library that computes the wrong thing is refused
     bad = tmp_path / "bad.c"
-    bad.write_text("void cblas_sgemm(int o, int ta, int tb, int m, int n, int k, float al, const float *a, int lda,\n"
-                   "  const float *b, int ldb, float be, float *c, int ldc) { for (int i = 0; i < m * n; i++) c[i] = 1.0f; }\n")
+    bad.write_text("int semantic_skinny_gemm(int m, int n, int k, float al, const float *a, int lda, const float *b,\n"
+                   "  int ldb, float be, float *c, int ldc) { for (int i = 0; i < m * ldc; i++) c[i] = 1.0f; return 1; }\n")
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "bad.so"), str(bad)], check=True)
     assert _self_check(tmp_path / "bad.so").startswith("self-check failed")
     assert _self_check(Path(lib)) is None
 
 
-def _child(mode: str, preload: list[str]) -> dict:
-    env = {**os.environ, "LD_PRELOAD": ":".join(preload)}
+@pytest.mark.skipif(not HAS_CC, reason="needs Linux and a C compiler")
+def test_a_failed_build_is_remembered_and_nothing_raises(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEMANTIC_CACHE_DIR", str(tmp_path / "cache"))
+    lib, why = skinny_gemm({"CC": "false"}, "linux")  # a "compiler" that always fails
+    assert lib is None and why.startswith("build failed")
+    failed = next((tmp_path / "cache" / "native").glob("skinny_gemm-*.failed"))
+    assert skinny_gemm({"CC": "false"}, "linux") == (None, failed.read_text())  # not built again
+    assert [p.suffix for p in failed.parent.iterdir()] == [".failed"]  # no temporary left
+    lib, why = skinny_gemm({"CC": "ccache-not-installed cc"}, "linux")
+    assert lib is None and why == "no C compiler (ccache-not-installed not found)"
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SEMANTIC_CACHE_DIR", str(tmp_path / "file"))  # cannot be a folder
+    lib, why = skinny_gemm({}, "linux")
+    assert lib is None and why.startswith("build failed")
+
+
+def _child(mode: str, preload: list[str], **extra: str) -> dict:
+    env = {**os.environ, "LD_PRELOAD": ":".join(preload), **extra}
     out = subprocess.run([sys.executable, str(Path(__file__).with_name("skinny_child.py")), mode], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -114,6 +132,16 @@ def test_skinny_gemm_computes_what_mlx_does(preload):
     assert got["skinny"] > 0 and got["passed"] > 0, got  # it took some calls and passed others on
     assert got["worst"] < 2e-6 and got["variant_rows"] == [], got
     assert max(got["addmm"], got["sliced"], got["transposed"]) < 1e-4, got
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs Linux and a C compiler")
+def test_skinny_gemm_without_openblas(preload):
+    """With only MLX's own BLAS behind it (SEMANTIC_BLAS=reference), the products it passes on
+    still reach a BLAS, and with a row limit of 0 it passes every product on."""
+    got = _child("numerics", preload[:1])
+    assert got["skinny"] > 0 and got["passed"] > 0 and got["worst"] < 2e-6 and got["variant_rows"] == [], got
+    got = _child("numerics", preload[:1], SEMANTIC_SKINNY_ROWS="0")
+    assert got["skinny"] == 0 and got["passed"] > 0 and got["worst"] < 2e-6, got
 
 
 @pytest.mark.integration
