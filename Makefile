@@ -23,8 +23,9 @@ setup: $(VENV)/.installed
 serve: setup
 	$(VENV)/bin/semantic serve --pipeline $(PIPELINE) --port $(PORT)
 
+# The tests run with what `semantic serve` preloads (OpenBLAS, skinny GEMM): in-process models compute as served.
 test: setup
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(PY) -m semantic.blas $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .hypothesis .cache

@@ -181,14 +181,13 @@ def preload_libraries(env: Mapping[str, str] = os.environ, platform: str = sys.p
     return [lib for lib in (skinny_gemm(env, platform)[0], find_openblas(env, platform)) if lib]
 
 
-def reexec_plan(
-    argv: Sequence[str],
+def preload_env(
     env: Mapping[str, str] = os.environ,
     platform: str = sys.platform,
     libraries: Sequence[str] | None = None,
-) -> tuple[list[str], dict[str, str]] | None:
-    """The command and environment to re-execute with ``libraries`` (default: the ones this
-    machine should preload) in front of ``LD_PRELOAD``, or None when they are all there."""
+) -> dict[str, str] | None:
+    """``env`` with ``libraries`` (default: the ones this machine should preload) in front of
+    ``LD_PRELOAD``, or None when they are all there already."""
     libs = preload_libraries(env, platform) if libraries is None else list(libraries)
     have = env.get("LD_PRELOAD", "").split(":")
     if not libs or all(lib in have for lib in libs):
@@ -197,7 +196,19 @@ def reexec_plan(
     new_env["LD_PRELOAD"] = ":".join([*libs, *(p for p in have if p and p not in libs)])
     if find_openblas(env, platform) in libs:
         new_env.setdefault("OPENBLAS_NUM_THREADS", str(os.cpu_count() or 1))
-    return [sys.executable, "-m", "semantic.cli", *argv], new_env
+    return new_env
+
+
+def reexec_plan(
+    argv: Sequence[str],
+    env: Mapping[str, str] = os.environ,
+    platform: str = sys.platform,
+    libraries: Sequence[str] | None = None,
+) -> tuple[list[str], dict[str, str]] | None:
+    """The command and environment to re-execute ``semantic`` with ``libraries`` preloaded (see
+    ``preload_env``), or None when nothing needs to change."""
+    new_env = preload_env(env, platform, libraries)
+    return None if new_env is None else ([sys.executable, "-m", "semantic.cli", *argv], new_env)
 
 
 def ensure_preloaded(argv: Sequence[str]) -> None:
@@ -228,3 +239,18 @@ def _mapped(fragment: str) -> str | None:
         if fragment in line and "/" in line:
             return line[line.index("/") :].strip()
     return None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m semantic.blas CMD [ARGS...]``: run CMD with what ``semantic serve`` preloads
+    (the test suite runs this way, so in-process models compute as the server does)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        raise SystemExit("usage: python -m semantic.blas CMD [ARGS...]")
+    env = preload_env() or dict(os.environ)
+    sys.stdout.flush()
+    os.execvpe(args[0], args, env)
+
+
+if __name__ == "__main__":
+    main()

@@ -153,3 +153,15 @@ def test_the_embedded_model_with_the_skinny_gemm(preload, smollm):
     assert fast["alone"] == fast["together"]
     plain = _child("tokens", preload[1:])
     assert plain["skinny"] == 0 and plain["alone"] == fast["alone"]
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs Linux and a C compiler")
+def test_python_m_semantic_blas_runs_a_command_with_the_preload(preload):
+    """What `make test` runs the suite under: the command sees serve's libraries in LD_PRELOAD."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    code = "import os, semantic.blas as b; print(os.environ['LD_PRELOAD']); print(b.loaded_skinny_gemm())"
+    out = subprocess.run([sys.executable, "-m", "semantic.blas", sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    preloaded, loaded = out.stdout.split()
+    assert preloaded.split(":")[: len(preload)] == preload and loaded == preload[0]
+    assert subprocess.run([sys.executable, "-m", "semantic.blas"], capture_output=True, text=True).returncode != 0
