@@ -98,13 +98,12 @@ def with_blas(script: str) -> str | None:
     """The optimized BLAS serve would use; if what serve preloads is not preloaded yet, run
     ``script`` again with it (so in-process parts run as semantic does: OpenBLAS and the skinny
     GEMM). ``mlx_lm.server`` is given the BLAS alone (``mlx_lm_server(blas=...)``)."""
-    from semantic.blas import find_openblas, preload_libraries
+    from semantic.blas import find_openblas, preload_env
 
-    blas, libs = find_openblas(), preload_libraries()
-    if libs and not set(libs) <= set(os.environ.get("LD_PRELOAD", "").split(":")):
-        env = {**os.environ, "LD_PRELOAD": ":".join(libs), "OPENBLAS_NUM_THREADS": str(os.cpu_count() or 1)}
+    env = preload_env()
+    if env is not None:
         os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]], env)
-    return blas
+    return find_openblas()
 
 
 def semantic_server(pipeline: Path) -> Proc:
