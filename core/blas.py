@@ -11,7 +11,9 @@ so ``semantic serve`` re-executes itself once with ``LD_PRELOAD`` set.
 (no OpenBLAS), or a path to a ``libopenblas.so``. Debian/Ubuntu: ``apt-get install
 libopenblas0-pthread``. ``SEMANTIC_SKINNY_GEMM``: ``auto`` (default: build and preload when a C
 compiler is found) or ``off``. ``CC`` names the compiler (default ``cc``). The library passes
-other products on to the next ``cblas_sgemm`` in the process: OpenBLAS, or MLX's own.
+other products on to the next ``cblas_sgemm`` in the process: OpenBLAS, or MLX's own. It also
+computes the panel products of ``packed_weights.py`` (``A.B`` with a narrow B), which make a
+decode step of 8 sequences cost little more than one of a single sequence.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 ENV = "SEMANTIC_BLAS"
@@ -128,7 +131,7 @@ def _build(cc: list[str], lib: Path) -> str | None:
     error = "build failed"
     try:
         for arch in (["-march=native"], []):  # some compilers have no -march=native
-            cmd = [*cc, *SKINNY_FLAGS, *arch, "-o", tmp, str(SKINNY_SOURCE), "-ldl", "-lm"]
+            cmd = [*cc, *SKINNY_FLAGS, *arch, "-o", tmp, str(SKINNY_SOURCE), "-ldl", "-lm", "-lpthread"]
             try:
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             except (OSError, subprocess.TimeoutExpired) as e:
@@ -144,31 +147,45 @@ def _build(cc: list[str], lib: Path) -> str | None:
         Path(tmp).unlink(missing_ok=True)
 
 
-# (rows, weight rows, K, lda, ldb, ldc, alpha, beta): tails of 1..15, wider leading dimensions,
-# alpha and beta; C starts as NaN where beta is 0 (BLAS never reads it then).
+# (rows, columns of C, K, lda, ldb, ldc, alpha, beta): K tails of 1..15 (A.B^T); column tails of
+# 32, 16 and 1..15 and rows beyond 8 and 32 (A.B: more tiles, the helper thread); wider leading
+# dimensions, alpha and beta; C starts as NaN where beta is 0 (BLAS never reads it then).
 _CHECKS = ((1, 7, 37, 37, 37, 7, 1.0, 0.0), (2, 5, 16, 20, 18, 6, 1.0, 0.0), (4, 9, 70, 70, 75, 9, 0.5, 2.0),
            (3, 4, 31, 33, 31, 4, 1.0, 0.0), (8, 3, 24, 24, 24, 3, -1.5, 0.0), (1, 1, 1, 1, 1, 1, 1.0, 1.0))
+_NN_CHECKS = ((1, 32, 9, 9, 32, 32, 1.0, 0.0), (11, 53, 20, 21, 60, 55, 0.5, 2.0), (3, 7, 5, 5, 7, 7, 1.0, 0.0),
+              (37, 40, 9, 9, 40, 40, 1.0, 0.0), (9, 48, 3, 3, 48, 48, -1.5, 0.0), (2, 1, 1, 1, 1, 1, 1.0, 1.0))
 
 
 def _self_check(lib: Path) -> str | None:
-    """Run the library's skinny path (whatever its row limit) on small random problems against
+    """Run the library's two paths (whatever their row limits) on small random problems against
     sums in Python; a problem, or None."""
     try:
-        f = ctypes.CDLL(str(lib)).semantic_skinny_gemm
+        handle = ctypes.CDLL(str(lib))
+        paths = ((handle.semantic_skinny_gemm, _CHECKS, True), (handle.semantic_skinny_gemm_nn, _NN_CHECKS, False))
     except (OSError, AttributeError) as e:
         return f"cannot load {lib}: {e}"
+    for f, checks, transposed in paths:
+        problem = _check_path(lib, f, checks, transposed)
+        if problem:
+            return problem
+    return None
+
+
+def _check_path(lib: Path, f: Any, checks: Sequence[tuple], transposed: bool) -> str | None:
     fl = ctypes.c_float
     rng = random.Random(0)
-    for m, n, k, lda, ldb, ldc, alpha, beta in _CHECKS:
+    for m, n, k, lda, ldb, ldc, alpha, beta in checks:
+        b_len = n * ldb if transposed else k * ldb
         a = (fl * (m * lda))(*[rng.uniform(-1, 1) for _ in range(m * lda)])
-        b = (fl * (n * ldb))(*[rng.uniform(-1, 1) for _ in range(n * ldb)])
+        b = (fl * b_len)(*[rng.uniform(-1, 1) for _ in range(b_len)])
         c0 = [rng.uniform(-1, 1) if beta else math.nan for _ in range(m * ldc)]
         c = (fl * (m * ldc))(*c0)
         if not f(m, n, k, fl(alpha), a, lda, b, ldb, fl(beta), c, ldc):
-            return f"self-check failed: {lib} refused a {m}x{k} by {n}x{k} product"
+            return f"self-check failed: {lib} refused a {m}x{k} by {k}x{n} product"
         for i in range(m):
             for j in range(n):
-                dot = sum(a[i * lda + t] * b[j * ldb + t] for t in range(k))
+                col = (b[j * ldb + t] if transposed else b[t * ldb + j] for t in range(k))
+                dot = sum(a[i * lda + t] * y for t, y in enumerate(col))
                 want = alpha * dot + (beta * c0[i * ldc + j] if beta else 0.0)
                 got = c[i * ldc + j]
                 if not abs(got - want) <= 1e-4 * (1 + abs(want)):

@@ -276,8 +276,9 @@ class ContextOptions(BaseModel):
     )
     cpu_kernels: bool = Field(
         True,
-        description="On MLX's CPU backend, use semantic's faster SwiGLU and attention (same results to float32 rounding; "
-        "see semantic.mlx_cpu). Off: mlx-lm's own.",
+        description="On MLX's CPU backend, use semantic's faster SwiGLU and attention, and float32 Linear weights packed "
+        "for the skinny GEMM (same results to float32 rounding; see semantic.mlx_cpu, semantic.packed_weights). "
+        "Off: mlx-lm's own.",
     )
 
 
@@ -318,11 +319,15 @@ def load_mlx_lm_dir(
     from mlx_lm.utils import load_model
     from transformers import AutoTokenizer
 
+    from . import packed_weights
     from .mlx_cpu import use_fast_kernels
 
     overrides = context_overrides(json.loads((path / "config.json").read_text()), context)
     module, config = load_model(path, model_config=overrides)
-    use_fast_kernels(module, context.cpu_kernels if context is not None else True)
+    cpu_kernels = context.cpu_kernels if context is not None else True
+    use_fast_kernels(module, cpu_kernels)
+    if cpu_kernels and packed_weights.available():
+        packed_weights.pack_linears(module)
     if overrides:
         fingerprint += ":" + json.dumps(overrides, sort_keys=True, separators=(",", ":"))
     activation_dtype = dtype if dtype in _DTYPE_BYTES else "float16"

@@ -1,30 +1,44 @@
 /* Skinny GEMM: decode-shaped float32 matmuls that read the weights once.
  *
- * Preloaded ahead of the BLAS (see blas.py), this library defines cblas_sgemm. MLX's Linear
- * layers call it as  C[M,N] = alpha * A[M,K] . B[N,K]^T (+ beta * C), row major. When M is small
- * (a decode step: one row per sequence) a general GEMM spends its time packing B, a weight
- * matrix read from memory once per step; here each weight row is streamed once, in memory order,
- * and dotted with every row of A, on the calling thread. Up to SEMANTIC_SKINNY_ROWS rows (default
- * 4, at most 8); other calls go on to the next cblas_sgemm in the process (OpenBLAS or MLX's own
- * reference BLAS), or, if there is none, to a plain loop here.
+ * Preloaded ahead of the BLAS (see blas.py), this library defines cblas_sgemm and takes two
+ * kinds of row-major products with few rows of A (a decode step: one row per sequence), where a
+ * general GEMM spends its time packing a weight matrix it reads once per step:
  *
- * Each output element is computed the same way whatever M is: 16-lane products summed in K
- * order, then one shared (not inlined) epilogue adds the lanes in order and the K % 16 tail with
- * explicit fmaf. So a sequence's decode rows are bitwise the same alone or in a batch of up to
- * the row limit.
+ * - C[M,N] = A[M,K] . B[N,K]^T, MLX's plain Linear layers: each weight row is streamed once, in
+ *   memory order, and dotted with every row of A. Up to SEMANTIC_SKINNY_ROWS rows (default 4,
+ *   at most 8). Each output element: 16-lane products summed in K order, then one shared (not
+ *   inlined) epilogue adds the lanes in order and the K % 16 tail with explicit fmaf.
+ * - C[M,N] = A[M,K] . B[K,N] with N <= 256, the panels of packed_weights.py (B is K rows of 32
+ *   contiguous floats) and attention's values: for each k, 8 rows of A are broadcast against
+ *   32 columns of B held in registers, so B streams once per 8 rows at about memory speed, and
+ *   more rows run near the core's FMA peak. Any number of rows (SEMANTIC_SKINNY_NN_ROWS sets a
+ *   limit, 0 turns it off); from SEMANTIC_SKINNY_SPLIT_ROWS rows (default 32, 0: never) a
+ *   helper thread takes half of them. Each output element is one fused multiply-add chain in K
+ *   order.
+ *
+ * Either way an element is computed the same way whatever M is, so a sequence's decode rows are
+ * bitwise the same alone or in a batch (up to the row limit of the first kind). Other calls go on to the next
+ * cblas_sgemm in the process (OpenBLAS or MLX's own reference BLAS), or, if there is none, to a
+ * plain loop here.
  *
  * Built on the machine that runs it (cc -O3 -march=native -ffp-contract=fast); GCC vector
  * extensions keep it portable across x86-64 and aarch64.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <limits.h>
+#include <pthread.h>
 #include <link.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
+#include <time.h>
 
 #define SKINNY_MAX_ROWS 8
 #define SKINNY_DEFAULT_ROWS 4
+#define NN_MAX_COLS 256
+#define SPLIT_DEFAULT_ROWS 32
+#define SPIN_NS 200000L
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
@@ -36,7 +50,9 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 static sgemm_fn next_sgemm;
 static int next_looked_up;
 static int max_rows = SKINNY_DEFAULT_ROWS;
-static long skinny_calls, passed_calls;
+static int nn_rows = INT_MAX;
+static int split_rows = SPLIT_DEFAULT_ROWS;
+static long skinny_calls, passed_calls, nn_calls;
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc);
@@ -105,6 +121,160 @@ int semantic_skinny_gemm(int M, int N, int K, float alpha, const float *a, int l
   return 1;
 }
 
+
+/* A[M,K] . B[K,N]: 32 (then 16) columns of B at a time, every row of A broadcast against them;
+ * the last N % 16 columns one at a time. Each element is fmaf(a, b, s) over k in order. */
+static inline void put(float *o, v16 v, float alpha, float beta) {
+  *(v16u *)o = beta == 0.0f ? alpha * v : alpha * v + beta * load(o);
+}
+
+#define NN_ROWS(MM)                                                                          \
+  static void nn_##MM(int N, int K, float alpha, const float *a, int lda, const float *b,   \
+                      int ldb, float beta, float *c, int ldc) {                              \
+    int j = 0;                                                                               \
+    for (; j + 32 <= N; j += 32) {                                                           \
+      v16 acc[MM][2];                                                                        \
+      for (int m = 0; m < MM; m++) acc[m][0] = acc[m][1] = (v16){0};                         \
+      for (int k = 0; k < K; k++) {                                                          \
+        const float *w = b + (size_t)k * ldb + j;                                            \
+        v16 w0 = load(w), w1 = load(w + 16);                                                 \
+        for (int m = 0; m < MM; m++) {                                                       \
+          float x = a[(size_t)m * lda + k];                                                  \
+          acc[m][0] += x * w0;                                                               \
+          acc[m][1] += x * w1;                                                               \
+        }                                                                                    \
+      }                                                                                      \
+      for (int m = 0; m < MM; m++) {                                                         \
+        put(c + (size_t)m * ldc + j, acc[m][0], alpha, beta);                                \
+        put(c + (size_t)m * ldc + j + 16, acc[m][1], alpha, beta);                           \
+      }                                                                                      \
+    }                                                                                        \
+    for (; j + 16 <= N; j += 16) {                                                           \
+      v16 acc[MM];                                                                           \
+      for (int m = 0; m < MM; m++) acc[m] = (v16){0};                                        \
+      for (int k = 0; k < K; k++) {                                                          \
+        v16 w0 = load(b + (size_t)k * ldb + j);                                              \
+        for (int m = 0; m < MM; m++) acc[m] += a[(size_t)m * lda + k] * w0;                  \
+      }                                                                                      \
+      for (int m = 0; m < MM; m++) put(c + (size_t)m * ldc + j, acc[m], alpha, beta);        \
+    }                                                                                        \
+    for (; j < N; j++)                                                                       \
+      for (int m = 0; m < MM; m++) {                                                         \
+        float s = 0.0f;                                                                      \
+        for (int k = 0; k < K; k++) s = fmaf(a[(size_t)m * lda + k], b[(size_t)k * ldb + j], s); \
+        float *o = c + (size_t)m * ldc + j;                                                  \
+        *o = beta == 0.0f ? alpha * s : alpha * s + beta * *o;                               \
+      }                                                                                      \
+  }
+NN_ROWS(1)
+NN_ROWS(2)
+NN_ROWS(3)
+NN_ROWS(4)
+NN_ROWS(5)
+NN_ROWS(6)
+NN_ROWS(7)
+NN_ROWS(8)
+
+static const rows_fn NN_FOR[SKINNY_MAX_ROWS + 1] = {0, nn_1, nn_2, nn_3, nn_4, nn_5, nn_6, nn_7, nn_8};
+
+static int nn_shape(int order, int trans_a, int trans_b, int M, int N, int K, float alpha, int lda,
+                    int ldb, int ldc) {
+  return order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == NO_TRANS && M >= 1 && N >= 1 &&
+         N <= NN_MAX_COLS && K >= 1 && lda >= K && ldb >= N && ldc >= N && alpha != 0.0f;
+}
+
+/* Eight rows of A at a time: B is read once per eight rows. */
+static void nn_tiles(int M, int N, int K, float alpha, const float *a, int lda, const float *b,
+                     int ldb, float beta, float *c, int ldc) {
+  for (int r = 0; r < M; r += SKINNY_MAX_ROWS) {
+    int rows = M - r < SKINNY_MAX_ROWS ? M - r : SKINNY_MAX_ROWS;
+    NN_FOR[rows](N, K, alpha, a + (size_t)r * lda, lda, b, ldb, beta, c + (size_t)r * ldc, ldc);
+  }
+}
+
+/* Products of SEMANTIC_SKINNY_SPLIT_ROWS rows or more (prompt chunks) give their second half of
+ * rows to one helper thread. It spins briefly for the next product (they come back to back)
+ * and then sleeps. One caller at a time: another computes alone meanwhile. */
+struct job { int M, N, K, lda, ldb, ldc; float alpha, beta; const float *a, *b; float *c; };
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t job_posted = PTHREAD_COND_INITIALIZER, job_done = PTHREAD_COND_INITIALIZER;
+static struct job job;
+static long posted, finished;
+static int helper = 0; /* 0 not started, 1 running, -1 could not start */
+static int helper_owned;
+
+static long now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static void spin_while_equal(long *counter, long value) {
+  long start = now_ns();
+  while (__atomic_load_n(counter, __ATOMIC_ACQUIRE) == value && now_ns() - start < SPIN_NS) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+}
+
+static void *helper_main(void *unused) {
+  (void)unused;
+  for (long seen = 0;;) {
+    spin_while_equal(&posted, seen);
+    pthread_mutex_lock(&job_lock);
+    while (posted == seen) pthread_cond_wait(&job_posted, &job_lock);
+    seen = posted;
+    struct job j = job;
+    pthread_mutex_unlock(&job_lock);
+    nn_tiles(j.M, j.N, j.K, j.alpha, j.a, j.lda, j.b, j.ldb, j.beta, j.c, j.ldc);
+    pthread_mutex_lock(&job_lock);
+    __atomic_store_n(&finished, seen, __ATOMIC_RELEASE);
+    pthread_cond_signal(&job_done);
+    pthread_mutex_unlock(&job_lock);
+  }
+  return NULL;
+}
+
+static void nn_gemm(int M, int N, int K, float alpha, const float *a, int lda, const float *b,
+                    int ldb, float beta, float *c, int ldc) {
+  if (split_rows <= 0 || M < split_rows || __atomic_exchange_n(&helper_owned, 1, __ATOMIC_ACQUIRE)) {
+    nn_tiles(M, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  pthread_mutex_lock(&job_lock);
+  if (helper == 0) {
+    pthread_t thread;
+    helper = pthread_create(&thread, NULL, helper_main, NULL) == 0 ? 1 : -1;
+    if (helper == 1) pthread_detach(thread);
+  }
+  if (helper < 0) {
+    pthread_mutex_unlock(&job_lock);
+    __atomic_store_n(&helper_owned, 0, __ATOMIC_RELEASE);
+    nn_tiles(M, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  int half = (M / 2 + SKINNY_MAX_ROWS - 1) / SKINNY_MAX_ROWS * SKINNY_MAX_ROWS;
+  job = (struct job){M - half, N, K, lda, ldb, ldc, alpha, beta, a + (size_t)half * lda, b, c + (size_t)half * ldc};
+  long ticket = ++posted;
+  pthread_cond_signal(&job_posted);
+  pthread_mutex_unlock(&job_lock);
+  nn_tiles(half, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
+  spin_while_equal(&finished, ticket - 1);
+  pthread_mutex_lock(&job_lock);
+  while (finished != ticket) pthread_cond_wait(&job_done, &job_lock);
+  pthread_mutex_unlock(&job_lock);
+  __atomic_store_n(&helper_owned, 0, __ATOMIC_RELEASE);
+}
+
+/* The A.B path alone, for the self-check: returns 0 if it does not take the shape. */
+int semantic_skinny_gemm_nn(int M, int N, int K, float alpha, const float *a, int lda,
+                            const float *b, int ldb, float beta, float *c, int ldc) {
+  if (!nn_shape(ROW_MAJOR, NO_TRANS, NO_TRANS, M, N, K, alpha, lda, ldb, ldc)) return 0;
+  nn_gemm(M, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
+  return 1;
+}
+
 /* Another cblas_sgemm in the process: RTLD_NEXT finds the preloaded OpenBLAS; MLX's bundled
  * BLAS is loaded privately (Python imports extensions without RTLD_GLOBAL), so look it up in
  * each loaded object (names gathered first: no dlopen while the loader's list is held). */
@@ -167,6 +337,11 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
     ROWS_FOR[M](N, K, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
+  if (M <= nn_rows && nn_shape(order, trans_a, trans_b, M, N, K, alpha, lda, ldb, ldc)) {
+    __atomic_add_fetch(&nn_calls, 1, __ATOMIC_RELAXED);
+    nn_gemm(M, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
   __atomic_add_fetch(&passed_calls, 1, __ATOMIC_RELAXED);
   sgemm_fn next = find_next();
   if (next)
@@ -175,9 +350,10 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
     plain_sgemm(order, trans_a, trans_b, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-/* For `semantic blas` and tests: calls taken here and passed on. */
-long semantic_skinny_calls(int passed) {
-  return __atomic_load_n(passed ? &passed_calls : &skinny_calls, __ATOMIC_RELAXED);
+/* For `semantic blas` and tests: calls taken here (0: A.B^T, 2: A.B) and passed on (1). */
+long semantic_skinny_calls(int which) {
+  return __atomic_load_n(which == 1 ? &passed_calls : which == 2 ? &nn_calls : &skinny_calls,
+                         __ATOMIC_RELAXED);
 }
 
 __attribute__((constructor)) static void skinny_init(void) {
@@ -186,4 +362,11 @@ __attribute__((constructor)) static void skinny_init(void) {
     int r = atoi(rows);
     max_rows = r < 0 ? 0 : r > SKINNY_MAX_ROWS ? SKINNY_MAX_ROWS : r;
   }
+  const char *nn = getenv("SEMANTIC_SKINNY_NN_ROWS");
+  if (nn) {
+    int r = atoi(nn);
+    nn_rows = r < 0 ? 0 : r;
+  }
+  const char *split = getenv("SEMANTIC_SKINNY_SPLIT_ROWS");
+  if (split) split_rows = atoi(split);
 }

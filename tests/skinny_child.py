@@ -1,6 +1,7 @@
 """Run by tests/test_blas.py in a child process, with or without the skinny GEMM preloaded.
 
-``numerics``: MLX matmuls of decode and other shapes against float64 numpy; prints a JSON report.
+``numerics``: MLX matmuls of decode and other shapes (A.B^T, and A.B with a narrow B as packed
+weights make) against float64 numpy; prints a JSON report.
 ``tokens``: the embedded model's greedy tokens for three prompts, alone and batched; prints JSON.
 """
 
@@ -16,9 +17,9 @@ def _calls() -> dict[str, int]:
     try:
         f = ctypes.CDLL(None).semantic_skinny_calls
     except AttributeError:
-        return {"skinny": 0, "passed": 0}
+        return {"skinny": 0, "passed": 0, "nn": 0}
     f.restype = ctypes.c_long
-    return {"skinny": f(0), "passed": f(1)}
+    return {"skinny": f(0), "passed": f(1), "nn": f(2)}
 
 
 def numerics() -> dict:
@@ -50,6 +51,17 @@ def numerics() -> dict:
     at = rng.standard_normal((40, 2), dtype=np.float32)
     got = np.array(mx.array(at).T @ mx.array(b).T)
     transposed = float(np.abs(got - at.T.astype(np.float64) @ b.T).max())
+    # A.B with a narrow B: packed-weight panels (batched over panels) and attention's values
+    nn_rows = int(os.environ.get("SEMANTIC_SKINNY_NN_ROWS", "1000000"))
+    for shape in [(18, 576, 32), (3, 1536, 32), (1, 37, 32), (1, 200, 64), (1, 5, 7), (2, 20, 53)]:
+        b = rng.standard_normal(shape, dtype=np.float32)
+        x = rng.standard_normal((40, shape[1]), dtype=np.float32)
+        want = np.einsum("mk,pkn->pmn", x.astype(np.float64), b.astype(np.float64))
+        rows = {m: np.array(mx.array(x[:m]) @ mx.array(b)) for m in (1, 2, 3, 7, 8, 9, 16, 31, 32, 40)}
+        for m, got in rows.items():
+            worst = max(worst, float(np.abs(got - want[:, :m]).max() / (np.abs(want).max() + 1e-30)))
+        top = max(m for m in rows if m <= nn_rows) if nn_rows else 0
+        variant_rows += [[*shape, m] for m in rows if m < top and not (rows[m] == rows[top][:, :m]).all()]
     return {"worst": worst, "variant_rows": variant_rows, "addmm": addmm, "sliced": sliced, "transposed": transposed, **_calls()}
 
 

@@ -84,13 +84,36 @@ def test_the_library_is_built_once_and_checked(monkeypatch, tmp_path):
     assert skinny_gemm({}, "linux")[0] == lib and Path(lib).stat().st_mode & 0o022 == 0
     Path(lib).parent.chmod(0o777)  # its folder too
     assert skinny_gemm({}, "linux")[0] == lib and Path(lib).parent.stat().st_mode & 0o777 == 0o700
-    # a library that computes the wrong thing is refused
-    bad = tmp_path / "bad.c"
-    bad.write_text("int semantic_skinny_gemm(int m, int n, int k, float al, const float *a, int lda, const float *b,\n"
-                   "  int ldb, float be, float *c, int ldc) { for (int i = 0; i < m * ldc; i++) c[i] = 1.0f; return 1; }\n")
-    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "bad.so"), str(bad)], check=True)
-    assert _self_check(tmp_path / "bad.so").startswith("self-check failed")
+    # a library that computes the wrong thing on either path, or lacks one, is refused
+    (tmp_path / "bad.c").write_text(_BAD_LIBRARY)
+    for n, (flag, problem) in enumerate([("-DWRONG=1", "self-check failed"), ("-DWRONG=2", "self-check failed"), ("-DWRONG=3", "cannot load")]):
+        bad = tmp_path / f"bad{n}.so"  # one name each: the loader keeps a library it has loaded
+        subprocess.run(["cc", "-shared", "-fPIC", flag, "-o", str(bad), str(tmp_path / "bad.c")], check=True)
+        assert _self_check(bad).startswith(problem), flag
     assert _self_check(Path(lib)) is None
+
+
+# WRONG=1: A.B^T is off by one in one element; 2: A.B is; 3: there is no A.B.
+_BAD_LIBRARY = """
+static void gemm(int t, int m, int n, int k, float al, const float *a, int lda, const float *b, int ldb, float be, float *c, int ldc) {
+  for (int i = 0; i < m; i++) for (int j = 0; j < n; j++) {
+    float s = 0; for (int x = 0; x < k; x++) s += a[i * lda + x] * (t ? b[j * ldb + x] : b[x * ldb + j]);
+    c[i * ldc + j] = be == 0 ? al * s : al * s + be * c[i * ldc + j];
+  }
+}
+int semantic_skinny_gemm(int m, int n, int k, float al, const float *a, int lda, const float *b, int ldb, float be, float *c, int ldc) {
+  gemm(1, m, n, k, al, a, lda, b, ldb, be, c, ldc);
+  if (WRONG == 1) c[0] += 1.0f;
+  return 1;
+}
+#if WRONG != 3
+int semantic_skinny_gemm_nn(int m, int n, int k, float al, const float *a, int lda, const float *b, int ldb, float be, float *c, int ldc) {
+  gemm(0, m, n, k, al, a, lda, b, ldb, be, c, ldc);
+  if (WRONG == 2) c[m * ldc - 1] += 1.0f;
+  return 1;
+}
+#endif
+"""
 
 
 @pytest.mark.skipif(not HAS_CC, reason="needs Linux and a C compiler")
@@ -129,7 +152,7 @@ def test_skinny_gemm_computes_what_mlx_does(preload):
     """Through MLX: decode-shaped products within float32 rounding of float64, each row bitwise the
     same for any M it takes; alpha/beta, a sliced A and transposed A stay right."""
     got = _child("numerics", preload)
-    assert got["skinny"] > 0 and got["passed"] > 0, got  # it took some calls and passed others on
+    assert got["skinny"] > 0 and got["nn"] > 0 and got["passed"] > 0, got  # it took some calls and passed others on
     assert got["worst"] < 2e-6 and got["variant_rows"] == [], got
     assert max(got["addmm"], got["sliced"], got["transposed"]) < 1e-4, got
 
@@ -140,8 +163,8 @@ def test_skinny_gemm_without_openblas(preload):
     still reach a BLAS, and with a row limit of 0 it passes every product on."""
     got = _child("numerics", preload[:1])
     assert got["skinny"] > 0 and got["passed"] > 0 and got["worst"] < 2e-6 and got["variant_rows"] == [], got
-    got = _child("numerics", preload[:1], SEMANTIC_SKINNY_ROWS="0")
-    assert got["skinny"] == 0 and got["passed"] > 0 and got["worst"] < 2e-6, got
+    got = _child("numerics", preload[:1], SEMANTIC_SKINNY_ROWS="0", SEMANTIC_SKINNY_NN_ROWS="0")
+    assert got["skinny"] == got["nn"] == 0 and got["passed"] > 0 and got["worst"] < 2e-6, got
 
 
 @pytest.mark.integration
