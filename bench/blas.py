@@ -7,7 +7,9 @@ Starts ``semantic serve`` three times — SEMANTIC_BLAS=reference and SEMANTIC_S
 (OpenBLAS if installed) and off; auto and auto (the default) — and reports cold time to first token
 and decode tokens/s for the same prompt. Prints JSON and writes bench/results/blas.json. Targets:
 OpenBLAS prefill several times faster (about 10× measured on these machines for bare mlx-lm
-calls); the skinny GEMM's single-sequence decode faster again (it takes no prefill products).
+calls); the skinny GEMM's single-sequence decode faster again. With the skinny GEMM the model's
+Linear weights are packed (semantic.packed_weights) and prompt chunks go through it too: prefill
+no slower than OpenBLAS alone.
 """
 
 from __future__ import annotations

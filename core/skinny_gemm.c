@@ -236,6 +236,15 @@ static void *helper_main(void *unused) {
   return NULL;
 }
 
+/* A forked child has no helper thread: it starts its own if it needs one. */
+static void forget_helper(void) {
+  pthread_mutex_init(&job_lock, NULL);
+  pthread_cond_init(&job_posted, NULL);
+  pthread_cond_init(&job_done, NULL);
+  posted = finished = 0;
+  helper = helper_owned = 0;
+}
+
 static void nn_gemm(int M, int N, int K, float alpha, const float *a, int lda, const float *b,
                     int ldb, float beta, float *c, int ldc) {
   if (split_rows <= 0 || M < split_rows || __atomic_exchange_n(&helper_owned, 1, __ATOMIC_ACQUIRE)) {
@@ -357,6 +366,7 @@ long semantic_skinny_calls(int which) {
 }
 
 __attribute__((constructor)) static void skinny_init(void) {
+  pthread_atfork(NULL, NULL, forget_helper);
   const char *rows = getenv("SEMANTIC_SKINNY_ROWS");
   if (rows) {
     int r = atoi(rows);

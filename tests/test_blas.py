@@ -178,6 +178,32 @@ def test_the_embedded_model_with_the_skinny_gemm(preload, smollm):
     assert plain["skinny"] == 0 and plain["alone"] == fast["alone"]
 
 
+_FORK_CHILD = """
+import ctypes, os, random, sys
+f = ctypes.CDLL(sys.argv[1]).semantic_skinny_gemm_nn
+m, n, k = 40, 32, 50
+a = (ctypes.c_float * (m * k))(*[random.uniform(-1, 1) for _ in range(m * k)])
+b = (ctypes.c_float * (k * n))(*[random.uniform(-1, 1) for _ in range(k * n)])
+def product():
+    c = (ctypes.c_float * (m * n))()
+    assert f(m, n, k, ctypes.c_float(1.0), a, k, b, n, ctypes.c_float(0.0), c, n)
+    return list(c)
+first = product()  # 40 rows: the helper thread takes half
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if product() == first else 1)  # the child has no helper thread: it starts one
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), product() == first)
+"""
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs Linux and a C compiler")
+def test_products_with_the_helper_thread_work_in_a_forked_child(preload):
+    out = subprocess.run([sys.executable, "-c", _FORK_CHILD, preload[0]], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "True"]
+
+
 @pytest.mark.skipif(not HAS_CC, reason="needs Linux and a C compiler")
 def test_python_m_semantic_blas_runs_a_command_with_the_preload(preload):
     """What `make test` runs the suite under: the command sees serve's libraries in LD_PRELOAD."""
