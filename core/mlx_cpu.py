@@ -7,7 +7,8 @@ SwiGLU's sigmoid. The stand-ins compute ``exp(x)`` as ``2 ** (x * log2 e)``:
 
 * :func:`swiglu` — ``gate * x / (1 + 2 ** (-gate * log2 e))``;
 * :func:`scaled_dot_product_attention` — scores, mask, row max, ``2 ** ((s - max) * log2 e)``,
-  sum, and one matmul with the values; grouped-query heads are broadcast, not repeated. A causal
+  sum, and one matmul with the values; the query heads of a grouped-query key head are rows of
+  one product, so keys and values are read once per key head. A causal
   prompt chunk at depth is split in two: the keys before the chunk need no mask, so only the
   chunk's own square block is masked.
 
@@ -59,13 +60,21 @@ def _kernels() -> dict[str, Any]:
         b, heads, lq, dim = queries.shape
         kv_heads, lk = keys.shape[1], keys.shape[2]
         rep = heads // kv_heads
-        q = (queries * scale).reshape(b, kv_heads, rep, lq, dim)
-        keys, values = keys[:, :, None], values[:, :, None]
+        # the rep query heads that share a key head are rows of one product, (b, kv, rep * lq, dim):
+        # each key and value is read once per key head, not once per query head
+        q = (queries * scale).reshape(b, kv_heads, rep * lq, dim)
+
+        def by_head(x):  # noqa: ANN001, ANN202 - (b, kv, rep * lq, n) -> (b, kv, rep, lq, n)
+            return x.reshape(b, kv_heads, rep, lq, x.shape[-1])
+
+        def as_rows(x):  # noqa: ANN001, ANN202 - and back
+            return x.reshape(b, kv_heads, rep * lq, x.shape[-1])
+
         if isinstance(mask, str) and lk > lq:  # a prompt chunk at depth: mask only its own block
             past = lk - lq
             seen = q @ keys[..., :past, :].swapaxes(-1, -2)
-            own = q @ keys[..., past:, :].swapaxes(-1, -2)
-            own = mx.where(mx.arange(lq)[:, None] >= mx.arange(lq)[None], own, mx.finfo(own.dtype).min)
+            own = by_head(q @ keys[..., past:, :].swapaxes(-1, -2))
+            own = as_rows(mx.where(mx.arange(lq)[:, None] >= mx.arange(lq)[None], own, mx.finfo(own.dtype).min))
             row_max = mx.maximum(mx.max(seen, axis=-1, keepdims=True), mx.max(own, axis=-1, keepdims=True))
             w_seen, w_own = exp_shifted(seen, row_max), exp_shifted(own, row_max)
             total = mx.sum(w_seen, axis=-1, keepdims=True) + mx.sum(w_own, axis=-1, keepdims=True)
@@ -78,9 +87,9 @@ def _kernels() -> dict[str, Any]:
             if mask.ndim == 4:
                 mask = mask.reshape(b, kv_heads, rep, lq, lk) if mask.shape[1] == heads > 1 else mask[:, :, None]
             if mask.dtype == mx.bool_:
-                scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+                scores = as_rows(mx.where(mask, by_head(scores), mx.finfo(scores.dtype).min))
             else:
-                scores = scores + mask
+                scores = as_rows(by_head(scores) + mask)
         weights = exp_shifted(scores, mx.max(scores, axis=-1, keepdims=True))
         out = (weights @ values) / mx.sum(weights, axis=-1, keepdims=True)
         return out.reshape(b, heads, lq, dim)
