@@ -85,7 +85,8 @@ def _kernels() -> dict[str, Any]:
             mask = mx.arange(lk - lq, lk)[:, None] >= mx.arange(lk)[None]
         if mask is not None:
             if mask.ndim == 4:
-                mask = mask.reshape(b, kv_heads, rep, lq, lk) if mask.shape[1] == heads > 1 else mask[:, :, None]
+                per_head = mask.shape[1] == heads > 1
+                mask = mask.reshape(mask.shape[0], kv_heads, rep, *mask.shape[2:]) if per_head else mask[:, :, None]
             if mask.dtype == mx.bool_:
                 scores = as_rows(mx.where(mask, by_head(scores), mx.finfo(scores.dtype).min))
             else:

@@ -14,7 +14,9 @@ a sequence's rows are bitwise the same alone or in a batch.
 
 Used only where it pays: float32 weights, the CPU device, and the skinny GEMM preloaded (see
 :func:`available`). A tied embedding (``embed_tokens.as_linear``) gets a packed copy of its
-matrix for the output projection on first use; the lookup keeps the original.
+matrix for the output projection (at load when the model's args say the embeddings are tied, else
+on first use); the lookup keeps the original. ``PackedLinear.weight`` unpacks a copy for code that
+reads it.
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ def _classes() -> tuple[type, type]:
             y = y.reshape(*lead, self.out_features)
             return y + self.bias if "bias" in self else y
 
+        @property
+        def weight(self) -> Any:
+            """The ``(out, in)`` matrix, unpacked (a copy): for code that reads ``.weight``."""
+            k = self.panels.shape[1]
+            return self.panels.transpose(0, 2, 1).reshape(-1, k)[: self.out_features]
+
         def _extra_repr(self) -> str:
             return f"panels={self.panels.shape[0]}x{PANEL}, out_features={self.out_features}"
 
@@ -75,12 +83,16 @@ def _classes() -> tuple[type, type]:
         """An embedding whose ``as_linear`` (a tied output projection) uses a packed copy."""
 
         def as_linear(self, x: Any) -> Any:
+            return self.packed()(x)
+
+        def packed(self) -> Any:
+            """The packed copy (made on first use); not a parameter: saved weights stay as they are."""
             packed = self.__dict__.get("_packed")
             if packed is None:
                 packed = PackedLinear(self.weight)
                 mx.eval(packed.panels)
-                self.__dict__["_packed"] = packed  # not a parameter: saved weights stay as they are
-            return packed(x)
+                self.__dict__["_packed"] = packed
+            return packed
 
     return PackedLinear, PackedEmbedding
 
@@ -93,20 +105,23 @@ def pack_linears(model: Any) -> int:
     import mlx.nn as nn
 
     packed_linear, packed_embedding = _classes()
+    tied = bool(getattr(getattr(model, "args", None), "tie_word_embeddings", False))
     changed = 0
     for _, module in model.named_modules():
         for name, child in list(module.children().items()):
-            items = child if isinstance(child, list) else [child]
+            items = module[name] if isinstance(child, list) else [child]  # children() copies lists
             for i, item in enumerate(items):
                 if type(item) is nn.Linear and item.weight.dtype == mx.float32:
                     new = packed_linear(item.weight, item.get("bias"))
                     mx.eval(new.panels)  # one matrix at a time: the original is freed as we go
                     if isinstance(child, list):
-                        child[i] = new
+                        items[i] = new
                     else:
                         setattr(module, name, new)
                     changed += 1
                 elif type(item) is nn.Embedding and item.weight.dtype == mx.float32:
                     item.__class__ = packed_embedding
+                    if tied:  # the output projection: packed now, not in the first request
+                        item.packed()
                     changed += 1
     return changed

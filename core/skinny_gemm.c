@@ -124,8 +124,13 @@ int semantic_skinny_gemm(int M, int N, int K, float alpha, const float *a, int l
 
 /* A[M,K] . B[K,N]: 32 (then 16) columns of B at a time, every row of A broadcast against them;
  * the last N % 16 columns one at a time. Each element is fmaf(a, b, s) over k in order. */
-static inline void put(float *o, v16 v, float alpha, float beta) {
+__attribute__((noinline)) static void put(float *o, v16 v, float alpha, float beta) {
   *(v16u *)o = beta == 0.0f ? alpha * v : alpha * v + beta * load(o);
+}
+
+/* One copy of each epilogue for every row count: how alpha and beta are fused cannot differ. */
+__attribute__((noinline)) static void put1(float *o, float s, float alpha, float beta) {
+  *o = beta == 0.0f ? alpha * s : alpha * s + beta * *o;
 }
 
 #define NN_ROWS(MM)                                                                          \
@@ -162,8 +167,7 @@ static inline void put(float *o, v16 v, float alpha, float beta) {
       for (int m = 0; m < MM; m++) {                                                         \
         float s = 0.0f;                                                                      \
         for (int k = 0; k < K; k++) s = fmaf(a[(size_t)m * lda + k], b[(size_t)k * ldb + j], s); \
-        float *o = c + (size_t)m * ldc + j;                                                  \
-        *o = beta == 0.0f ? alpha * s : alpha * s + beta * *o;                               \
+        put1(c + (size_t)m * ldc + j, s, alpha, beta);                                       \
       }                                                                                      \
   }
 NN_ROWS(1)
@@ -223,8 +227,8 @@ static void *helper_main(void *unused) {
   for (long seen = 0;;) {
     spin_while_equal(&posted, seen);
     pthread_mutex_lock(&job_lock);
-    while (posted == seen) pthread_cond_wait(&job_posted, &job_lock);
-    seen = posted;
+    while (__atomic_load_n(&posted, __ATOMIC_ACQUIRE) == seen) pthread_cond_wait(&job_posted, &job_lock);
+    seen = __atomic_load_n(&posted, __ATOMIC_ACQUIRE);
     struct job j = job;
     pthread_mutex_unlock(&job_lock);
     nn_tiles(j.M, j.N, j.K, j.alpha, j.a, j.lda, j.b, j.ldb, j.beta, j.c, j.ldc);
@@ -247,7 +251,9 @@ static void forget_helper(void) {
 
 static void nn_gemm(int M, int N, int K, float alpha, const float *a, int lda, const float *b,
                     int ldb, float beta, float *c, int ldc) {
-  if (split_rows <= 0 || M < split_rows || __atomic_exchange_n(&helper_owned, 1, __ATOMIC_ACQUIRE)) {
+  /* at least two tiles each, so the first half (whole tiles) leaves rows for the helper */
+  if (split_rows <= 0 || M < split_rows || M < 2 * SKINNY_MAX_ROWS ||
+      __atomic_exchange_n(&helper_owned, 1, __ATOMIC_ACQUIRE)) {
     nn_tiles(M, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
@@ -265,7 +271,7 @@ static void nn_gemm(int M, int N, int K, float alpha, const float *a, int lda, c
   }
   int half = (M / 2 + SKINNY_MAX_ROWS - 1) / SKINNY_MAX_ROWS * SKINNY_MAX_ROWS;
   job = (struct job){M - half, N, K, lda, ldb, ldc, alpha, beta, a + (size_t)half * lda, b, c + (size_t)half * ldc};
-  long ticket = ++posted;
+  long ticket = __atomic_add_fetch(&posted, 1, __ATOMIC_RELEASE);
   pthread_cond_signal(&job_posted);
   pthread_mutex_unlock(&job_lock);
   nn_tiles(half, N, K, alpha, a, lda, b, ldb, beta, c, ldc);

@@ -197,6 +197,33 @@ print(os.waitstatus_to_exitcode(status), product() == first)
 """
 
 
+_SPLIT_CHILD = """
+import ctypes, random, sys
+f = ctypes.CDLL(sys.argv[1]).semantic_skinny_gemm_nn
+bad = []
+for m in range(1, 41):
+    n, k, canary = 9, 7, 64
+    a = [random.uniform(-1, 1) for _ in range(m * k)]
+    b = [random.uniform(-1, 1) for _ in range(k * n)]
+    c = (ctypes.c_float * (m * n + canary))(*([0.0] * (m * n) + [7.0] * canary))
+    f(m, n, k, ctypes.c_float(1.0), (ctypes.c_float * len(a))(*a), k, (ctypes.c_float * len(b))(*b), n, ctypes.c_float(0.0), c, n)
+    want = [sum(a[i * k + t] * b[t * n + j] for t in range(k)) for i in range(m) for j in range(n)]
+    if any(abs(x - y) > 1e-4 for x, y in zip(c[: m * n], want)) or list(c[m * n :]) != [7.0] * canary:
+        bad.append(m)
+print(bad)
+"""
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs Linux and a C compiler")
+def test_any_split_threshold_splits_rows_within_bounds(preload):
+    """With the helper thread's threshold at 2, every row count 1..40 computes right and writes
+    nothing past C (a canary after it)."""
+    env = {**os.environ, "SEMANTIC_SKINNY_SPLIT_ROWS": "2"}
+    out = subprocess.run([sys.executable, "-c", _SPLIT_CHILD, preload[0]], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]"]
+
+
 @pytest.mark.skipif(not HAS_CC, reason="needs Linux and a C compiler")
 def test_products_with_the_helper_thread_work_in_a_forked_child(preload):
     out = subprocess.run([sys.executable, "-c", _FORK_CHILD, preload[0]], capture_output=True, text=True, timeout=60)

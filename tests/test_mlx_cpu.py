@@ -34,8 +34,8 @@ def _compare_attention(b, heads, kv_heads, lq, lk, mask_kind, seed):
         mask = (rows >= cols)[None, None] & (pad[:, None, None, None] <= cols)
     elif mask_kind == "additive":
         mask = mx.where(mx.random.uniform(shape=(b, 1, lq, lk)) < 0.3, -1e9, 0.0)
-    elif mask_kind == "per_head":
-        mask = mx.random.uniform(shape=(b, heads, lq, lk)) < 0.8
+    elif mask_kind in ("per_head", "per_head_shared"):  # shared: one mask for the whole batch
+        mask = mx.random.uniform(shape=(b if mask_kind == "per_head" else 1, heads, lq, lk)) < 0.8
         mask = mask | (mx.arange(lk) == 0)  # every row keeps a key
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
     got = _fast()["scaled_dot_product_attention"](q, k, v, None, 0.25, mask)
@@ -43,7 +43,7 @@ def _compare_attention(b, heads, kv_heads, lq, lk, mask_kind, seed):
     assert mx.allclose(got, want, atol=2e-5, rtol=1e-4).item(), mx.max(mx.abs(got - want)).item()
 
 
-@pytest.mark.parametrize("mask_kind", [None, "causal", "bool2d", "padded", "additive", "per_head"])
+@pytest.mark.parametrize("mask_kind", [None, "causal", "bool2d", "padded", "additive", "per_head", "per_head_shared"])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (8, 1)])
 @pytest.mark.parametrize(("lq", "lk"), [(1, 1), (1, 37), (5, 5), (7, 300)])
 def test_attention_matches_mlx(mlx, mask_kind, heads, kv_heads, lq, lk):

@@ -88,3 +88,26 @@ def test_pack_linears_on_a_model_with_tied_embeddings(mlx, packing):
     assert changed == 2 * 7 + 1 and left == 0 and close
     assert "model.embed_tokens.weight" in names and "model.layers.0.self_attn.q_proj.panels" in names
     assert not any(name.endswith("_packed.panels") for name in names)
+
+
+def test_linears_in_lists_are_replaced_and_weight_still_reads(mlx, packing):
+    """Layers held in a list are swapped in the module's own list; ``.weight`` unpacks a copy."""
+
+    def run():
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        class Holder(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.projs = [nn.Linear(40, 70), nn.Linear(40, 33, bias=False)]
+
+        holder = Holder()
+        weights = [p.weight for p in holder.projs]
+        changed = packing.pack_linears(holder)
+        kinds = [type(p).__name__ for p in holder.projs]
+        same = [mx.array_equal(p.weight, w).item() for p, w in zip(holder.projs, weights, strict=True)]
+        return changed, kinds, same
+
+    changed, kinds, same = mlx.run_sync(run)
+    assert changed == 2 and kinds == ["PackedLinear", "PackedLinear"] and same == [True, True]
