@@ -12,7 +12,7 @@
  *   contiguous floats) and attention's values: for each k, 8 rows of A are broadcast against
  *   32 columns of B held in registers, so B streams once per 8 rows at about memory speed, and
  *   more rows run near the core's FMA peak. Any number of rows (SEMANTIC_SKINNY_NN_ROWS sets a
- *   limit, 0 turns it off); from SEMANTIC_SKINNY_SPLIT_ROWS rows (default 32, 0: never) a
+ *   limit, 0 turns it off); from SEMANTIC_SKINNY_SPLIT_ROWS rows (default 32, at least 16; 0: never) a
  *   helper thread takes half of them. Each output element is one fused multiply-add chain in K
  *   order.
  *
