@@ -28,12 +28,12 @@ class BatchOptions:
     """How decode wants batching done (from its YAML settings).
 
     ``prefill_share``: a prompt chunk prefilled between two decode steps may take this many times
-    as long as the decode step itself, so running streams keep their pace while a long prompt is
+    as long as a plain decode step, so running streams keep their pace while a long prompt is
     prefilled (their inter-token time becomes about ``1 + prefill_share`` steps).
     ``prefill_chunk``: the most prompt tokens per chunk (also when nothing decodes).
-    ``whole_prompt``: when every prompt being prefilled is at most this long (cached tokens
-    included), it is prefilled in one pass: on a CPU each forward pass has a large fixed cost, so
-    cutting short prompts costs more throughput than it saves latency.
+    ``whole_prompt``: a prompt with at most this many tokens to prefill goes in one chunk, never
+    cut: on a CPU each forward pass has a large fixed cost, so cutting short prompts costs more
+    throughput than it saves latency.
     ``idle_whole_tokens``: while nothing decodes there is no stream to keep smooth, so prompts
     arriving then (up to this many tokens in all) are prefilled together in one batch, the way
     a burst of new agents is best served.

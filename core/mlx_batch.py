@@ -1,15 +1,17 @@
 """Continuous batching for mlx-lm models: mlx-lm's ``BatchGenerator`` behind :class:`BatchEngine`.
 
-``BatchGenerator`` runs one decode step for the generation batch and then prefills the prompts
-waiting to join it, on every ``next()``. Short prompts (at most ``whole_prompt`` tokens to
-prefill) go that way, in one pass: on a CPU every forward pass has a large fixed cost. A long
-prompt is prefilled by this engine on a cache of its own, one chunk after each step, and joins
-the batch when only its last token is left — so it never pads the short prompts prefilled beside
-it to its depth. While others decode, a chunk is sized to take about ``prefill_share`` × a plain
-decode step, steered by measurement (each chunk's time scales the next: a pass has a fixed part
-and attention grows with depth, so chunks shrink as the prompt gets deeper); with nothing
-decoding, chunks are ``prefill_chunk`` tokens. Running streams keep their pace while a 7K-token
-prompt is prefilled.
+``BatchGenerator`` runs one decode step for the generation batch on every ``next()``. Prompts
+arriving on an idle engine (nothing decoding; up to ``idle_whole_tokens`` in all) go into it and
+are prefilled together in one batched pass, the way a burst of new agents is best served. A
+prompt arriving while others decode is prefilled by this engine on a cache of its own, one chunk
+after each decode step: a short prompt (``whole_prompt``) in one chunk, a long one in chunks
+sized to take about ``prefill_share`` × a plain decode step, steered by its own chunks' times (a
+pass has a fixed part and attention grows with depth, so chunks shrink as the prompt gets
+deeper); with nothing decoding, chunks are ``prefill_chunk`` tokens. Turns alternate between the
+prompt with the least left and the oldest, so short prompts overtake a long one. The chunk that
+ends a prompt includes its last token and samples the first token, and the sequence joins the
+generation batch ready to decode: no extra forward pass and no extra decode step for the others.
+Running streams keep their pace while a 7K-token prompt is prefilled.
 
 Cache injection: a sequence starts from the prefix cache-lookup joined (``insert(caches=...)``
 copies it; the stored blocks are never written). Cache extraction: a finished or removed
@@ -105,6 +107,22 @@ def lean_generation_batch() -> type:
             self.joined: list[tuple[list[int], Any]] = []  # (uids, their first tokens) since last taken
             super().__init__(*args, **kwargs)
 
+        @classmethod
+        def prefilled(cls, model: Any, uid: int, first: Any, caches: list[Any], tokens: list[int], sampler: Any, fallback: Any, stop: Any, max_tokens: int) -> Any:
+            """A batch of one sequence whose whole prompt is in ``caches`` and whose first token
+            ``first`` is already sampled: it joins the generation batch without a forward pass of
+            its own (mlx-lm's ``generate`` runs one for the prompt's last token)."""
+            from mlx_lm.generate import _merge_caches
+
+            batch = cls(model, [], first, _merge_caches([caches]), [list(tokens)], [], fallback, [], [stop], [max_tokens])
+            # with no uids __init__ takes no step; now make it the one sequence's batch
+            batch.uids = [uid]
+            batch.samplers = [sampler]
+            batch.logits_processors = [()]
+            batch._num_tokens = [0]
+            batch._next_logprobs = [None]
+            return batch
+
         def extend(self, batch: Any) -> None:
             super().extend(batch)
             if batch.uids and batch._next_tokens is not None:
@@ -139,12 +157,14 @@ def _ema(old: float | None, new: float) -> float:
 
 
 @dataclass(slots=True)
-class _LongPrompt:
-    """A long prompt being prefilled on its own cache; ``pos`` tokens of it are in the cache."""
+class _Prefill:
+    """A prompt being prefilled on its own cache, beside the batch; ``pos`` tokens are in the cache."""
 
     spec: SequenceSpec
     caches: list[Any]
     pos: int
+    whole: bool  # short: prefilled in one chunk
+    size: int | None = None  # its chunk while others decode, steered by its own chunks' times
 
 
 class MLXBatchEngine(BatchEngine):
@@ -168,30 +188,28 @@ class MLXBatchEngine(BatchEngine):
         self._decoding: set[int] = set()  # uids that have produced a token
         self._early: set[int] = set()  # uids whose first token was sent when they joined
         self._eos = model.tokenizer.eos_token_ids
-        self._long: dict[int, _LongPrompt] = {}  # seq_id -> long prompt being prefilled, in order
+        self._prefills: dict[int, _Prefill] = {}  # seq_id -> prompt being prefilled beside the batch
         self._step_s: float | None = None  # running average of the decode part of a step
         self._base_s: float | None = None  # running average of a step without prefill
-        self._token_s: float | None = None  # running average of long-prefill time per token
-        self._size: int | None = None  # long-prefill chunk while others decode (steered)
+        self._token_s: float | None = None  # running average of prefill time per token of steered chunks
         self._idle_tokens = 0  # prompt tokens sent whole since the engine was last busy
+        self._turn = 0  # prefill chunks launched: whose turn it is
         self._vocab = int(getattr(getattr(model.module, "args", None), "vocab_size", 0) or 1 << 30)
 
     @property
     def active(self) -> int:
-        return len(self._seq) + len(self._long)
+        return len(self._seq) + len(self._prefills)
 
     def add(self, spec: SequenceSpec) -> None:
         start = spec.prefix_len if spec.prefix is not None else 0
         remaining = len(spec.prompt) - start
-        idle = not self._decoding and not self._long  # no running stream to keep smooth
+        idle = not self._decoding and not self._prefills  # no running stream to keep smooth
         if idle and self._idle_tokens + remaining <= self.options.idle_whole_tokens:
             self._idle_tokens += remaining  # prompts arriving together on an idle engine: one batched prefill
             self._insert(spec, self._start_cache(spec), start)
-        elif remaining > self.options.whole_prompt:
-            caches = self.model.writable_cache(spec.prefix, start)
-            self._long[spec.seq_id] = _LongPrompt(spec, caches, start)
         else:
-            self._insert(spec, self._start_cache(spec), start)
+            caches = self.model.writable_cache(spec.prefix, start)
+            self._prefills[spec.seq_id] = _Prefill(spec, caches, start, remaining <= self.options.whole_prompt)
 
     def _insert(self, spec: SequenceSpec, caches: list[Any] | None, start: int) -> None:
         (uid,) = self._gen.insert(
@@ -215,37 +233,70 @@ class MLXBatchEngine(BatchEngine):
             return list(prefix.payload)
         return leading_kv(prefix.payload, n)
 
-    def _long_chunk(self, left: int) -> int:
+    def _chunk_size(self, job: _Prefill) -> int:
+        """Tokens in ``job``'s next chunk: all of a short prompt; else ``prefill_chunk`` while
+        nothing decodes, and while others decode as many as fit its time budget (steered by the
+        job's own chunks: a chunk costs more the deeper the prompt)."""
         opts = self.options
+        left = len(job.spec.prompt) - job.pos
+        if job.whole:
+            return left
         base = self._base_s or self._step_s
         if not self._decoding or base is None:
             size = opts.prefill_chunk
         else:
-            if self._size is None:  # first chunk beside decoding: guess from the rate so far
-                self._size = int(opts.prefill_share * base / self._token_s) if self._token_s else 16
-            size = self._size
+            if job.size is None:  # first chunk beside decoding: guess from the rate so far
+                job.size = int(opts.prefill_share * base / self._token_s) if self._token_s else 16
+            size = job.size
         return max(1, min(left, opts.prefill_chunk, max(opts.min_prefill_chunk, size)))
 
-    def _prefill_long(self) -> tuple[float, int]:
-        """One chunk of the oldest long prompt; it joins the batch when one token is left."""
+    def _prefill_chunk(self) -> tuple[float, int]:
+        """Prefill one chunk of a waiting prompt; a prompt it ends joins the generation batch.
+
+        With several prompts waiting, turns alternate between the one with the least left to
+        prefill (a short prompt joins in a step, even while a long one is prefilled) and the
+        oldest (a long prompt keeps at least every other chunk while new ones keep coming). The
+        chunk that ends a prompt includes its last token and samples the first generated token
+        from it: the sequence joins ready to decode, with no forward pass of its own.
+        """
         import mlx.core as mx
 
-        seq_id, job = next(iter(self._long.items()))
-        prompt = job.spec.prompt
-        n = self._long_chunk(len(prompt) - 1 - job.pos)
+        self._turn += 1
+        if self._turn % 2:
+            job = min(self._prefills.values(), key=lambda j: len(j.spec.prompt) - j.pos)
+        else:
+            job = next(iter(self._prefills.values()))
+        spec, prompt = job.spec, job.spec.prompt
+        n = self._chunk_size(job)
+        final = job.pos + n == len(prompt)
+        first = sampler = None
         t0 = time.perf_counter()
         with mx.stream(self._gen.stream):
-            self.model.module(mx.array([list(prompt[job.pos : job.pos + n])]), cache=job.caches)
-            mx.eval([x for c in job.caches for x in (c.keys, c.values) if x is not None])
+            logits = self.model.module(mx.array([list(prompt[job.pos : job.pos + n])]), cache=job.caches)
+            outputs = [x for c in job.caches for x in (c.keys, c.values) if x is not None]
+            if final:  # the sequence's sampler (and its seed) lives on in the batch from here
+                sampler = make_sampler(spec.params, self._vocab) or self._gen.sampler
+                first = sampler(logits[:, -1, :])
+                outputs.append(first)
+            mx.eval(outputs)
         dt = time.perf_counter() - t0
         job.pos += n
-        self._token_s = _ema(self._token_s, dt / n)
         base = self._base_s or self._step_s
-        if self._decoding and base is not None:  # steer the next chunk toward its time budget
-            self._size = max(1, int(n * min(2.0, max(0.1, self.options.prefill_share * base / dt))))
-        if job.pos >= len(prompt) - 1:
-            del self._long[seq_id]
-            self._insert(job.spec, job.caches, job.pos)
+        if not job.whole:
+            self._token_s = _ema(self._token_s, dt / n)
+            if self._decoding and base is not None:  # steer the job's next chunk toward its time budget
+                job.size = max(1, int(n * min(2.0, max(0.1, self.options.prefill_share * base / dt))))
+        if final:
+            del self._prefills[spec.seq_id]
+            uid = self._gen._uid_count
+            self._gen._uid_count += 1
+            batch = lean_generation_batch().prefilled(
+                self.model.module, uid, first, job.caches, list(prompt), sampler,
+                self._gen.sampler, self._gen._default_stop_sequences, spec.params.max_tokens,
+            )  # fmt: skip
+            self._gen._generation_batch.extend(batch)
+            self._uid[spec.seq_id] = uid
+            self._seq[uid] = spec.seq_id
         return dt, n
 
     def step(self) -> list[SeqEvent]:
@@ -264,16 +315,17 @@ class MLXBatchEngine(BatchEngine):
                 self._step_s = _ema(self._step_s, per_step)
                 if not st.prompt_tokens:  # a plain decode step: what running streams pay per token
                     self._base_s = _ema(self._base_s, per_step + st.prompt_time)
-            events = self._first_tokens() + self._events(responses)
+            events = self._events(responses)
         chunk = 0
-        if self._long and not (prefill_tokens and self._decoding):
-            # a step that already prefilled joining prompts takes no chunk too: streams would
-            # wait for both at once
-            dt, chunk = self._prefill_long()
+        if self._prefills and not (prefill_tokens and self._decoding):
+            # a step that already prefilled prompts inside the batch takes no chunk too: streams
+            # would wait for both at once
+            dt, chunk = self._prefill_chunk()
             prefill_s += dt
             prefill_tokens += chunk
+        events = self._first_tokens() + events
         self.stats = StepStats(decode_s, prefill_s, prefill_tokens, len(events), chunk)
-        if self._decoding or self._long:
+        if self._decoding or self._prefills:
             self._idle_tokens = 0
         return events
 
@@ -318,7 +370,7 @@ class MLXBatchEngine(BatchEngine):
     def remove(self, seq_ids: Sequence[int]) -> dict[int, KVState | None]:
         out: dict[int, KVState | None] = {}
         for seq_id in seq_ids:
-            job = self._long.pop(seq_id, None)
+            job = self._prefills.pop(seq_id, None)
             if job is not None:
                 out[seq_id] = self._kv(job.caches, job.spec.prompt[: job.pos])
         uids = [self._uid[s] for s in seq_ids if s in self._uid]
@@ -357,4 +409,4 @@ class MLXBatchEngine(BatchEngine):
         self._seq.clear()
         self._decoding.clear()
         self._early.clear()
-        self._long.clear()
+        self._prefills.clear()

@@ -39,7 +39,7 @@ class DecodeSettings(NoSettings):
     )
     prefill_chunk: int = Field(512, ge=16, le=8192, description="Most prompt tokens prefilled between two decode steps.")
     whole_prompt: int = Field(
-        256, ge=0, le=8192, description="Prompts up to this many tokens (cached included) are prefilled in one pass, never cut."
+        256, ge=0, le=8192, description="Prompts with up to this many tokens to prefill (cached ones not counted) go in one chunk, never cut."
     )
     idle_whole_tokens: int = Field(
         4096, ge=0, le=65536, description="While nothing decodes, prompts arriving (up to this many tokens in all) are prefilled together."
@@ -53,11 +53,12 @@ class DecodeSettings(NoSettings):
         "one while other requests are still on their way through the pipeline or once two have come together.",
     )
     join_hold_ms: float = Field(
-        100,
+        0,
         ge=0,
         le=1000,
         description="While others decode, a new short prompt waits (at most this long) while other requests are still on "
-        "their way, so they join together: one prefill pass, which stalls the running streams once instead of once each.",
+        "their way, so they join in the same step. Off by default: the mlx-lm engine prefills each prompt joining a "
+        "running batch in a chunk of its own, so holding it only delays it; engines that prefill joins together gain.",
     )
     prefill_share: float = Field(
         1.5,

@@ -168,8 +168,11 @@ def test_same_seed_same_output_whatever_else_is_in_the_batch(mlx, smollm):
     alone = mlx.run_sync(run_engine, smollm, [SequenceSpec(0, ps[1], None, 0, seeded)])[0][0]
     crowd = [SequenceSpec(0, ps[1], None, 0, seeded)] + [SequenceSpec(i, ps[i], None, 0, GREEDY) for i in (2, 3)]
     batched = mlx.run_sync(partial(run_engine, join_every=2), smollm, crowd)[0][0]
+    # joining a running batch: its first token is sampled from its own prefill chunk
+    joining = [SequenceSpec(i, ps[i], None, 0, GREEDY) for i in (2, 3)] + [SequenceSpec(0, ps[1], None, 0, seeded)]
+    joined = mlx.run_sync(partial(run_engine, join_every=2), smollm, joining)[0][0]
     other = mlx.run_sync(run_engine, smollm, [SequenceSpec(0, ps[1], None, 0, SamplingParams(max_tokens=24, temperature=0.9, seed=99))])[0][0]
-    assert batched == alone and other != alone
+    assert batched == alone and joined == alone and other != alone
     # clients send any integer (OpenAI's seed is signed): taken modulo 2**64, never a failure
     wrapped = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=40, seed=1234 - 2**64)
     assert mlx.run_sync(run_engine, smollm, [SequenceSpec(0, ps[1], None, 0, wrapped)])[0][0] == alone
@@ -199,8 +202,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(mlx, smollm):
     assert kv.payload[0].offset == len(kv.tokens)
 
 
-def test_a_step_that_prefills_joining_prompts_takes_no_long_prompt_chunk(mlx, smollm):
-    """Running streams wait for a join's prefill or a long prompt's chunk, never both in one step."""
+def test_prompts_joining_a_running_batch_take_one_chunk_a_step_and_overtake_a_long_one(mlx, smollm):
+    """While others decode, a step prefills at most one chunk: a short prompt whole, a long one in
+    pieces. Short prompts joining while a long one is prefilled go first (turns alternate), and
+    each joins with its first token from the step that prefilled its last chunk."""
     ps = prompts(smollm)
     long_prompt = tuple(smollm.tokenizer.encode_chat([ChatMessage("user", "Summarize: " + "the quick brown fox jumps over the lazy dog. " * 30)]))
     specs = [
@@ -209,11 +214,16 @@ def test_a_step_that_prefills_joining_prompts_takes_no_long_prompt_chunk(mlx, sm
     ] + [SequenceSpec(i, ps[i % 3], None, 0, SamplingParams(max_tokens=2, temperature=0)) for i in range(2, 6)]
     options = BatchOptions(max_batch=8, prefill_chunk=64, prefill_share=1.0, whole_prompt=64)
     tokens, _, stats = mlx.run_sync(partial(run_engine, join_every=2, options=options), smollm, specs)
-    joins = [s for s, _ in stats if s.prefill_tokens > s.chunk]
-    chunks = [s for s, _ in stats if s.chunk]
-    assert len(joins) >= 3 and len(chunks) >= 3  # joins happened while the long prompt was prefilled
-    assert not [s for s in joins if s.chunk], "a step took a join's prefill and a long-prompt chunk"
+    assert all(s.prefill_tokens == s.chunk for s, n in stats[1:])  # one chunk, nothing prefilled inside the batch
+    first = {i: next(k for k, (_, n) in enumerate(stats) if n[i]) for i in range(1, 6)}
+    assert all(first[i] < first[1] for i in range(2, 6))  # the short ones joined before the long one
+    assert all(stats[first[i]][0].chunk == len(ps[i % 3]) for i in range(2, 6))  # whole, first token at once
+    joins = {first[i] for i in range(2, 6)}
+    long_chunks = [s.chunk for k, (s, _) in enumerate(stats[: first[1] + 1]) if s.chunk and k not in joins]
+    assert sum(long_chunks) == len(long_prompt) and len(long_chunks) > 3  # in pieces, between the joins
     assert all(len(tokens[i]) == 2 for i in range(1, 6))
+    alone = [mlx.run_sync(run_engine, smollm, [SequenceSpec(i, specs[i].prompt, None, 0, specs[i].params)])[0][i] for i in range(1, 6)]
+    assert [tokens[i] for i in range(1, 6)] == alone
 
 
 def test_a_short_prompt_joining_a_running_batch_is_prefilled_in_one_pass(mlx, smollm):
@@ -223,7 +233,7 @@ def test_a_short_prompt_joining_a_running_batch_is_prefilled_in_one_pass(mlx, sm
     options = BatchOptions(max_batch=4, prefill_chunk=512, prefill_share=0.1, whole_prompt=len(ps[1]))
     _, _, stats = mlx.run_sync(partial(run_engine, join_every=6, options=options), smollm, [running, short])
     late = [s for s, _ in stats[6:] if s.prefill_tokens]  # the short one joins at step 6
-    assert [s.prefill_tokens for s in late] == [len(ps[1]) - 1]  # all but the last token, in one pass
+    assert [s.prefill_tokens for s in late] == [len(ps[1])]  # the whole prompt, in one chunk
     cut = BatchOptions(max_batch=4, prefill_chunk=512, prefill_share=0.1, whole_prompt=len(ps[1]) - 1)
     _, _, stats = mlx.run_sync(partial(run_engine, join_every=6, options=cut), smollm, [running, short])
     assert len([s for s, _ in stats[6:] if s.prefill_tokens]) > 1  # one token too long: chunked
