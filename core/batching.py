@@ -41,7 +41,7 @@ class BatchOptions:
 
     max_batch: int = 16
     prefill_chunk: int = 512
-    prefill_share: float = 1.5
+    prefill_share: float = 1.0
     min_prefill_chunk: int = 1
     whole_prompt: int = 256
     idle_whole_tokens: int = 4096

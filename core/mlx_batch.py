@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 #: Weight of the newest measurement in the running averages of step and prefill times.
 EMA = 0.5
 
+#: A prompt's last chunk computes the logits of all its positions in one pass up to this many
+#: values (chunk tokens × vocabulary; 8 MB of float32); a bigger one runs its last token apart.
+LOGITS_ONE_PASS = 1 << 21
+
 
 def make_sampler(params: SamplingParams, vocab_size: int) -> Any:
     """The sampler for one sequence; None means greedy (shared, so a greedy batch samples at once).
@@ -194,6 +198,7 @@ class MLXBatchEngine(BatchEngine):
         self._token_s: float | None = None  # running average of prefill time per token of steered chunks
         self._idle_tokens = 0  # prompt tokens sent whole since the engine was last busy
         self._turn = 0  # prefill chunks launched: whose turn it is
+        self._chunked = False  # the last step prefilled a chunk
         self._vocab = int(getattr(getattr(model.module, "args", None), "vocab_size", 0) or 1 << 30)
 
     @property
@@ -270,16 +275,24 @@ class MLXBatchEngine(BatchEngine):
         n = self._chunk_size(job)
         final = job.pos + n == len(prompt)
         first = sampler = None
-        t0 = time.perf_counter()
         with mx.stream(self._gen.stream):
-            logits = self.model.module(mx.array([list(prompt[job.pos : job.pos + n])]), cache=job.caches)
-            outputs = [x for c in job.caches for x in (c.keys, c.values) if x is not None]
+            mx.synchronize(self._gen.stream)  # the decode step still computing is not the chunk's time
+            t0 = time.perf_counter()
+            tokens = list(prompt[job.pos : job.pos + n])
+            if final and n > 1 and n * self._vocab > LOGITS_ONE_PASS:
+                # the model projects every position onto the vocabulary, and only the last one's
+                # logits are wanted: a big chunk goes without them, its last token on its own
+                self.model.module(mx.array([tokens[:-1]]), cache=job.caches)
+                mx.eval([c.state for c in job.caches])
+                tokens = tokens[-1:]
+            logits = self.model.module(mx.array([tokens]), cache=job.caches)
+            outputs: list[Any] = [c.state for c in job.caches]
             if final:  # the sequence's sampler (and its seed) lives on in the batch from here
                 sampler = make_sampler(spec.params, self._vocab) or self._gen.sampler
                 first = sampler(logits[:, -1, :])
                 outputs.append(first)
             mx.eval(outputs)
-        dt = time.perf_counter() - t0
+            dt = time.perf_counter() - t0
         job.pos += n
         base = self._base_s or self._step_s
         if not job.whole:
@@ -290,11 +303,12 @@ class MLXBatchEngine(BatchEngine):
             del self._prefills[spec.seq_id]
             uid = self._gen._uid_count
             self._gen._uid_count += 1
-            batch = lean_generation_batch().prefilled(
-                self.model.module, uid, first, job.caches, list(prompt), sampler,
-                self._gen.sampler, self._gen._default_stop_sequences, spec.params.max_tokens,
-            )  # fmt: skip
-            self._gen._generation_batch.extend(batch)
+            with mx.stream(self._gen.stream):
+                batch = lean_generation_batch().prefilled(
+                    self.model.module, uid, first, job.caches, list(prompt), sampler,
+                    self._gen.sampler, self._gen._default_stop_sequences, spec.params.max_tokens,
+                )  # fmt: skip
+                self._gen._generation_batch.extend(batch)
             self._uid[spec.seq_id] = uid
             self._seq[uid] = spec.seq_id
         return dt, n
@@ -313,7 +327,9 @@ class MLXBatchEngine(BatchEngine):
             if st.generation_steps:
                 per_step = st.decode_time / st.generation_steps
                 self._step_s = _ema(self._step_s, per_step)
-                if not st.prompt_tokens:  # a plain decode step: what running streams pay per token
+                if not st.prompt_tokens and not self._prefills and not self._chunked:
+                    # a plain step (a step after a chunk finds its forward pass done): what
+                    # running streams pay per token
                     self._base_s = _ema(self._base_s, per_step + st.prompt_time)
             events = self._events(responses)
         chunk = 0
@@ -323,6 +339,7 @@ class MLXBatchEngine(BatchEngine):
             dt, chunk = self._prefill_chunk()
             prefill_s += dt
             prefill_tokens += chunk
+        self._chunked = bool(chunk)
         events = self._first_tokens() + events
         self.stats = StepStats(decode_s, prefill_s, prefill_tokens, len(events), chunk)
         if self._decoding or self._prefills:

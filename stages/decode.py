@@ -61,7 +61,7 @@ class DecodeSettings(NoSettings):
         "running batch in a chunk of its own, so holding it only delays it; engines that prefill joins together gain.",
     )
     prefill_share: float = Field(
-        1.5,
+        1.0,
         gt=0,
         le=100,
         description="A prefill chunk may take this many times a decode step while others decode (smaller: smoother streams).",

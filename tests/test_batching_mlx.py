@@ -299,3 +299,28 @@ def test_prompts_arriving_on_an_idle_engine_are_prefilled_together(mlx, smollm):
     assert len(together) == 1 and together[0] >= sum(len(p) - 1 for p in longs)  # one batched prefill
     alone = mlx.run_sync(prefill_steps, BatchOptions(max_batch=4, prefill_chunk=512, whole_prompt=32, idle_whole_tokens=0))
     assert len(alone) > 1  # without it: the long prompts one after the other, in chunks
+
+
+def test_prompts_joining_a_running_batch_decode_as_they_would_alone(mlx, smollm):
+    """The engine-prefilled join: from a cached prefix, taken whole when long (its last token then
+    runs apart: no logits for every position), and with a single token to generate."""
+    from semantic.mlx_batch import LOGITS_ONE_PASS
+
+    ps = prompts(smollm)
+    running = SequenceSpec(0, ps[3], None, 0, SamplingParams(max_tokens=60, temperature=0))
+    kv = mlx.run_sync(run_engine, smollm, [SequenceSpec(1, ps[0], None, 0, GREEDY)])[1][1]
+    follow = kv.tokens + tuple(smollm.tokenizer.encode("\nuser\nAnd 3+3?"))
+    cold = mlx.run_sync(run_engine, smollm, [SequenceSpec(1, follow, None, 0, GREEDY)])[0][1]
+    warm, _, stats = mlx.run_sync(partial(run_engine, join_every=3), smollm, [running, SequenceSpec(1, follow, kv, len(kv.tokens), GREEDY)])
+    assert warm[1] == cold and [s.chunk for s, _ in stats if s.chunk] == [len(follow) - len(kv.tokens)]
+
+    long_prompt = tuple(smollm.tokenizer.encode_chat([ChatMessage("user", "Summarize: " + "the quick brown fox jumps over the lazy dog. " * 20)]))
+    whole = BatchOptions(max_batch=4, prefill_chunk=512, whole_prompt=10_000)
+    assert len(long_prompt) * smollm.module.args.vocab_size > LOGITS_ONE_PASS  # the last token apart
+    alone = mlx.run_sync(partial(run_engine, options=whole), smollm, [SequenceSpec(2, long_prompt, None, 0, GREEDY)])[0][2]
+    joined, _, stats = mlx.run_sync(partial(run_engine, join_every=3, options=whole), smollm, [running, SequenceSpec(2, long_prompt, None, 0, GREEDY)])
+    assert joined[2] == alone and [s.chunk for s, _ in stats if s.chunk] == [len(long_prompt)]
+
+    tokens, kvs, _ = mlx.run_sync(partial(run_engine, join_every=3), smollm, [running, SequenceSpec(3, ps[1], None, 0, SamplingParams(max_tokens=1, temperature=0))])
+    (first,) = [t for t in tokens[3] if t is not None]
+    assert kvs[3].tokens == ps[1] + (first,) and kvs[3].payload[0].offset == len(ps[1]) + 1
