@@ -13,7 +13,9 @@ libopenblas0-pthread``. ``SEMANTIC_SKINNY_GEMM``: ``auto`` (default: build and p
 compiler is found) or ``off``. ``CC`` names the compiler (default ``cc``). The library passes
 other products on to the next ``cblas_sgemm`` in the process: OpenBLAS, or MLX's own. It also
 computes the panel products of ``packed_weights.py`` (``A.B`` with a narrow B), which make a
-decode step of 8 sequences cost little more than one of a single sequence.
+decode step of 8 sequences cost little more than one of a single sequence. And it defines
+``powf``, sending base 2 to ``exp2f`` (the same bits, faster): MLX's ``power()`` calls it for each
+element, and the CPU kernels' ``exp`` (``mlx_cpu.py``) is a power of 2.
 """
 
 from __future__ import annotations
@@ -168,6 +170,20 @@ def _self_check(lib: Path) -> str | None:
         problem = _check_path(lib, f, checks, transposed)
         if problem:
             return problem
+    return _check_powf(lib, handle)
+
+
+def _check_powf(lib: Path, handle: Any) -> str | None:
+    """The library's powf (every power() MLX computes goes through it) against Python's."""
+    try:
+        powf = handle.powf
+    except AttributeError:
+        return f"cannot load {lib}: no powf"
+    powf.restype, powf.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
+    for base, y in ((2.0, 0.5), (2.0, -3.25), (2.0, 17.0), (2.0, -140.5), (3.0, 2.5), (0.5, -7.0)):
+        got, want = powf(base, y), base**y
+        if not abs(got - want) <= 1e-6 * abs(want) + 1e-44:
+            return f"self-check failed: {lib} computed powf({base}, {y}) = {got}, not {want}"
     return None
 
 

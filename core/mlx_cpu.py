@@ -1,7 +1,8 @@
 """Faster stand-ins for two mlx-lm building blocks on MLX's CPU backend.
 
 MLX's Linux CPU build evaluates ``exp`` with a scalar polynomial (about 17 ns an element here),
-while ``power(2, x)`` goes to the C library (about 6 ns). Two places spend most of their
+while ``power(2, x)`` goes to the C library's ``powf`` (about 6 ns; 3 with the skinny-GEMM
+library preloaded, which sends base 2 to ``exp2f``, see blas.py). Two places spend most of their
 non-matmul time in ``exp``: the softmax of attention (prefill at depth is dominated by it) and
 SwiGLU's sigmoid. The stand-ins compute ``exp(x)`` as ``2 ** (x * log2 e)``:
 

@@ -4,10 +4,12 @@
  * kinds of row-major products with few rows of A (a decode step: one row per sequence), where a
  * general GEMM spends its time packing a weight matrix it reads once per step:
  *
- * - C[M,N] = A[M,K] . B[N,K]^T, MLX's plain Linear layers: each weight row is streamed once, in
- *   memory order, and dotted with every row of A. Up to SEMANTIC_SKINNY_ROWS rows (default 4,
- *   at most 8). Each output element: 16-lane products summed in K order, then one shared (not
- *   inlined) epilogue adds the lanes in order and the K % 16 tail with explicit fmaf.
+ * - C[M,N] = A[M,K] . B[N,K]^T, MLX's plain Linear layers and attention's scores (the query
+ *   heads that share a key head against its keys): the rows of B are streamed once, in memory
+ *   order, four at a time, and dotted with every row of A. Up to SEMANTIC_SKINNY_ROWS rows
+ *   (default 4, at most 8). Each output element: 16-lane products summed in K order, then one
+ *   shared (not inlined) epilogue adds the lanes by a fixed tree and the K % 16 tail with
+ *   explicit fmaf.
  * - C[M,N] = A[M,K] . B[K,N] with N <= 256, the panels of packed_weights.py (B is K rows of 32
  *   contiguous floats) and attention's values: for each k, 8 rows of A are broadcast against
  *   32 columns of B held in registers, so B streams once per 8 rows at about memory speed, and
@@ -16,10 +18,14 @@
  *   helper thread takes half of them. Each output element is one fused multiply-add chain in K
  *   order.
  *
- * Either way an element is computed the same way whatever M is, so a sequence's decode rows are
- * bitwise the same alone or in a batch (up to the row limit of the first kind). Other calls go on to the next
+ * Either way an element is computed the same way whatever M is and wherever its row of B sits,
+ * so a sequence's decode rows are bitwise the same alone or in a batch (up to the row limit of
+ * the first kind). Other calls go on to the next
  * cblas_sgemm in the process (OpenBLAS or MLX's own reference BLAS), or, if there is none, to a
  * plain loop here.
+ *
+ * It also defines powf: base 2 (MLX's power(), which mlx_cpu.py's exp stand-ins use) goes to exp2f,
+ * the same bits in half the time.
  *
  * Built on the machine that runs it (cc -O3 -march=native -ffp-contract=fast); GCC vector
  * extensions keep it portable across x86-64 and aarch64.
@@ -59,36 +65,70 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
 
 static inline v16 load(const float *p) { return *(const v16u *)p; }
 
-/* The epilogue of every output element, one copy for all row counts: lanes in order, the K tail,
- * alpha and beta (beta 0 never reads C, as in BLAS). */
-__attribute__((noinline)) static void finish_row(int M, const v16 *acc, const float *a, int lda,
-                                                 const float *w, int k16, int K, float alpha,
-                                                 float beta, float *c, int ldc) {
+/* The sums of four 16-lane accumulators, each added up by the same fixed tree: lanes i and i+8,
+ * then i and i+4, then neighbours, then pairs (one shuffle-and-add a level for all four). */
+#if defined(__clang__) || __GNUC__ >= 12
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+static inline void sum4(const v16 *acc, float *out) {
+  v16 b01 = __builtin_shufflevector(acc[0], acc[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+            __builtin_shufflevector(acc[0], acc[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  v16 b23 = __builtin_shufflevector(acc[2], acc[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+            __builtin_shufflevector(acc[2], acc[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  v16 c = __builtin_shufflevector(b01, b23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+          __builtin_shufflevector(b01, b23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  v8 d = __builtin_shufflevector(c, c, 0, 1, 4, 5, 8, 9, 12, 13) + __builtin_shufflevector(c, c, 2, 3, 6, 7, 10, 11, 14, 15);
+  v4 e = __builtin_shufflevector(d, d, 0, 2, 4, 6) + __builtin_shufflevector(d, d, 1, 3, 5, 7);
+  for (int j = 0; j < 4; j++) out[j] = e[j];
+}
+#else /* the same tree, lane by lane */
+static inline void sum4(const v16 *acc, float *out) {
+  for (int j = 0; j < 4; j++) {
+    float h[8], q[4];
+    for (int i = 0; i < 8; i++) h[i] = acc[j][i] + acc[j][i + 8];
+    for (int i = 0; i < 4; i++) q[i] = h[i] + h[i + 4];
+    out[j] = (q[0] + q[1]) + (q[2] + q[3]);
+  }
+}
+#endif
+
+/* The epilogue of every output element, one copy for all row counts: the lanes' tree sum, the
+ * K tail, alpha and beta (beta 0 never reads C, as in BLAS), for `keys` (1 to 4) rows of B. */
+__attribute__((noinline)) static void finish_rows(int M, const v16 (*acc)[4], const float *a, int lda,
+                                                  const float *const *w, int keys, int k16, int K,
+                                                  float alpha, float beta, float *c, int ldc) {
   for (int m = 0; m < M; m++) {
     const float *x = a + (size_t)m * lda;
-    float s = 0.0f;
-    for (int i = 0; i < 16; i++) s += acc[m][i];
-    for (int k = k16; k < K; k++) s = fmaf(x[k], w[k], s);
-    float *o = c + (size_t)m * ldc;
-    *o = beta == 0.0f ? alpha * s : alpha * s + beta * *o;
+    float s[4];
+    sum4(acc[m], s);
+    for (int j = 0; j < keys; j++) {
+      float t = s[j];
+      for (int k = k16; k < K; k++) t = fmaf(x[k], w[j][k], t);
+      float *o = c + (size_t)m * ldc + j;
+      *o = beta == 0.0f ? alpha * t : alpha * t + beta * *o;
+    }
   }
 }
 
-/* One weight row at a time, dotted with MM rows of A: the weights stream through once, in
- * memory order, which is what a single core's prefetchers read fastest. */
+/* Four rows of B at a time (the last group may repeat its first row, results unused), dotted
+ * with MM rows of A: B streams through once, in memory order, and four sums share one reduction. */
 #define ROWS(MM)                                                                             \
   static void rows_##MM(int N, int K, float alpha, const float *a, int lda, const float *b,  \
                         int ldb, float beta, float *c, int ldc) {                            \
     int k16 = K & ~15;                                                                       \
-    for (int n = 0; n < N; n++) {                                                            \
-      const float *w = b + (size_t)n * ldb;                                                  \
-      v16 acc[MM];                                                                           \
-      for (int m = 0; m < MM; m++) acc[m] = (v16){0};                                        \
-      for (int k = 0; k < k16; k += 16) {                                                    \
-        v16 wk = load(w + k);                                                                \
-        for (int m = 0; m < MM; m++) acc[m] += load(a + (size_t)m * lda + k) * wk;          \
-      }                                                                                      \
-      finish_row(MM, acc, a, lda, w, k16, K, alpha, beta, c + n, ldc);                       \
+    for (int n = 0; n < N; n += 4) {                                                         \
+      int keys = N - n < 4 ? N - n : 4;                                                      \
+      const float *w[4];                                                                     \
+      for (int j = 0; j < 4; j++) w[j] = b + (size_t)(n + (j < keys ? j : 0)) * ldb;         \
+      v16 acc[MM][4];                                                                        \
+      for (int m = 0; m < MM; m++)                                                           \
+        for (int j = 0; j < 4; j++) acc[m][j] = (v16){0};                                    \
+      for (int j = 0; j < 4; j++) /* each row of B in memory order */                       \
+        for (int k = 0; k < k16; k += 16) {                                                  \
+          v16 wk = load(w[j] + k);                                                           \
+          for (int m = 0; m < MM; m++) acc[m][j] += load(a + (size_t)m * lda + k) * wk;      \
+        }                                                                                    \
+      finish_rows(MM, (const v16(*)[4])acc, a, lda, w, keys, k16, K, alpha, beta, c + n, ldc); \
     }                                                                                        \
   }
 ROWS(1)
@@ -363,6 +403,25 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
     next(order, trans_a, trans_b, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
   else
     plain_sgemm(order, trans_a, trans_b, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+/* MLX's CPU backend computes power(), and so the 2 ** x that stands in for exp (mlx_cpu.py), with
+ * one libm powf call an element. For base 2, exp2f gives the same bits (checked over a third of a
+ * billion arguments with glibc 2.36) in half the time, and in under half when the result is
+ * tiny or subnormal, where powf takes a slow path (14 ns against 6 here). Other bases go on to
+ * the next powf in the process. */
+typedef float (*powf_fn)(float, float);
+static powf_fn next_powf;
+
+float powf(float x, float y) {
+  if (x == 2.0f) return exp2f(y);
+  powf_fn f = __atomic_load_n(&next_powf, __ATOMIC_ACQUIRE);
+  if (!f) {
+    f = (powf_fn)dlsym(RTLD_NEXT, "powf");
+    if (!f) return (float)pow(x, y); /* no libm after us: cannot happen when we link it */
+    __atomic_store_n(&next_powf, f, __ATOMIC_RELEASE);
+  }
+  return f(x, y);
 }
 
 /* For `semantic blas` and tests: calls taken here (0: A.B^T, 2: A.B) and passed on (1). */

@@ -62,7 +62,42 @@ def numerics() -> dict:
             worst = max(worst, float(np.abs(got - want[:, :m]).max() / (np.abs(want).max() + 1e-30)))
         top = max(m for m in rows if m <= nn_rows) if nn_rows else 0
         variant_rows += [[*shape, m] for m in rows if m < top and not (rows[m] == rows[top][:, :m]).all()]
-    return {"worst": worst, "variant_rows": variant_rows, "addmm": addmm, "sliced": sliced, "transposed": transposed, **_calls()}
+    # A.B^T: a row of B (a key) gets the same dot products wherever it sits among the others
+    x, w = mx.array(rng.standard_normal((3, 64), dtype=np.float32)), rng.standard_normal((23, 64), dtype=np.float32)
+    first = np.array(x @ mx.array(w).T)
+    variant_keys = [s for s in range(1, 8) if not (np.array(x @ mx.array(w[s:]).T) == first[:, s:]).all()]
+    return {
+        "worst": worst, "variant_rows": variant_rows, "variant_keys": variant_keys, "addmm": addmm, "sliced": sliced,
+        "transposed": transposed, "powf": _powf(), **_calls(),
+    }  # fmt: skip
+
+
+def _powf() -> dict:
+    """powf as MLX's power() reaches it (the library's, when preloaded) against libm's own: the
+    same bits for base 2 and other bases, normal, subnormal, overflowing and special arguments."""
+    import math
+
+    import mlx.core as mx
+    import numpy as np
+
+    libm = ctypes.CDLL("libm.so.6").powf
+    libm.restype, libm.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
+    rng = np.random.default_rng(3)
+    ys = np.concatenate([
+        rng.uniform(-30, 30, 4000), rng.uniform(-160, -120, 2000), rng.uniform(120, 140, 200),
+        [0.0, -0.0, 1.0, -126.0, -149.0, -150.0, 127.99, 128.0, math.inf, -math.inf, math.nan],
+    ]).astype(np.float32)  # fmt: skip
+    differ = 0
+    for base in (2.0, 3.0, 0.5):
+        got = np.array(mx.power(mx.array(base, dtype=mx.float32), mx.array(ys)))
+        want = np.array([libm(base, float(y)) for y in ys], dtype=np.float32)
+        differ += int((got.view(np.uint32) != want.view(np.uint32)).sum())
+    from semantic.blas import loaded_skinny_gemm
+
+    lib = loaded_skinny_gemm()
+    address = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+    ours = lib is not None and address(ctypes.CDLL(None).powf) == address(ctypes.CDLL(lib).powf)
+    return {"differ": differ, "checked": 3 * len(ys), "ours": ours}
 
 
 def tokens() -> dict:
