@@ -10,8 +10,9 @@
 
     .venv/bin/python bench/batching.py [--agents 1 2 4 8 16] [--long-tokens 7168] [--skip-mlx-lm]
 
-Each concurrency runs ``--repeats`` times per server, the two servers taking turns; the median
-run counts (one run depends on how the requests happen to arrive). Prints JSON and writes
+Each concurrency is warmed up once (untimed), then runs ``--repeats`` times per server and one
+at a time, all three taking turns; the median run of each counts (one run depends on how the
+requests happen to arrive, and this machine's speed drifts by 20% within minutes). Prints JSON and writes
 bench/results/batching.json. Targets (issue "batching"): ≥ 5× sequential
 at 8 agents; ≥ 1.1× mlx_lm.server at every concurrency; p95 inter-token latency during the long
 prefill ≤ 3× without it; pipeline step time ≤ 1.05× the bare loop.
@@ -233,7 +234,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--long-tokens", type=int, default=7168, help="the long prompt prefilled under 8-agent load (0: skip)")
     parser.add_argument("--skip-mlx-lm", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per concurrency and server, taking turns; the median counts")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per concurrency, of each server and one at a time, taking turns; the medians count")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--decode", type=json.loads, default={}, help='decode stage settings as JSON, e.g. \'{"prefill_share": 3}\'')
     parser.add_argument("--tag", default="", help="results go to batching-TAG.json")
@@ -275,17 +276,22 @@ def main() -> None:
         if other is not None:
             concurrent(stream_openai, other.url, 2, 8)
         for n in args.agents:
-            # the two servers take turns, run after run: drift on a shared machine hits both alike
-            runs: dict[str, list[dict]] = {"semantic": [], "mlx_lm_server": []}
+            # untimed: the first batch of n (its shapes, buffers, threads) on both servers
+            concurrent(stream_anthropic, server.url, n, 8)
+            if other is not None:
+                concurrent(stream_openai, other.url, n, 8)
+            # the servers and the one-at-a-time baseline take turns, run after run: drift on a
+            # shared machine hits them alike
+            runs: dict[str, list[dict]] = {"semantic": [], "mlx_lm_server": [], "sequential": []}
             for _ in range(args.repeats):
                 runs["semantic"].append(concurrent(stream_anthropic, server.url, n, args.max_tokens))
                 if other is not None:
                     runs["mlx_lm_server"].append(concurrent(stream_openai, other.url, n, args.max_tokens))
+                runs["sequential"].append(one_at_a_time(stream_anthropic, server.url, n, args.max_tokens))
             row = results["throughput"].setdefault(str(n), {})
             for side, got in runs.items():
                 if got:  # the median run (by tok/s), and every run's tok/s
                     row[side] = {**sorted(got, key=lambda r: r["tok_s"])[len(got) // 2], "runs_tok_s": [r["tok_s"] for r in got]}
-            row["sequential"] = one_at_a_time(stream_anthropic, server.url, n, args.max_tokens)
             row["vs_sequential"] = row["semantic"]["tok_s"] / row["sequential"]["tok_s"]
             if other is not None:
                 row["vs_mlx_lm_server"] = row["semantic"]["tok_s"] / row["mlx_lm_server"]["tok_s"]

@@ -8,7 +8,8 @@ after each decode step: a short prompt (``whole_prompt``) in one chunk, a long o
 sized to take about ``prefill_share`` × a plain decode step, steered by its own chunks' times (a
 pass has a fixed part and attention grows with depth, so chunks shrink as the prompt gets
 deeper); with nothing decoding, chunks are ``prefill_chunk`` tokens. Turns alternate between the
-prompt with the least left and the oldest, so short prompts overtake a long one. The chunk that
+prompt with the least left and the oldest, so short prompts overtake a long one; short prompts
+waiting at the same time are prefilled together in one pass and join in one step. The chunk that
 ends a prompt includes its last token and samples the first token, and the sequence joins the
 generation batch ready to decode: no extra forward pass and no extra decode step for the others.
 Running streams keep their pace while a 7K-token prompt is prefilled.
@@ -271,6 +272,9 @@ class MLXBatchEngine(BatchEngine):
             job = min(self._prefills.values(), key=lambda j: len(j.spec.prompt) - j.pos)
         else:
             job = next(iter(self._prefills.values()))
+        group = self._whole_group(job)
+        if len(group) > 1:
+            return self._join_together(group)
         spec, prompt = job.spec, job.spec.prompt
         n = self._chunk_size(job)
         final = job.pos + n == len(prompt)
@@ -311,6 +315,60 @@ class MLXBatchEngine(BatchEngine):
                 self._gen._generation_batch.extend(batch)
             self._uid[spec.seq_id] = uid
             self._seq[uid] = spec.seq_id
+        return dt, n
+
+    def _whole_group(self, job: _Prefill) -> list[_Prefill]:
+        """``job`` and, when it is short, the other short prompts waiting that fit with it in one
+        pass of at most ``whole_prompt`` tokens (counted padded: rows times the longest)."""
+        if not job.whole:
+            return [job]
+        left = lambda j: len(j.spec.prompt) - j.pos  # noqa: E731
+        group, longest = [job], left(job)
+        for other in sorted((j for j in self._prefills.values() if j.whole and j is not job), key=left):
+            if (len(group) + 1) * max(longest, left(other)) > self.options.whole_prompt:
+                break
+            group.append(other)
+            longest = max(longest, left(other))
+        return group
+
+    def _join_together(self, jobs: list[_Prefill]) -> tuple[float, int]:
+        """Prefill several short prompts in one batched pass and join them all in this step.
+
+        mlx-lm's prompt batch does it: the prompts right-padded to one length (their caches may
+        hold prefixes of any length), then one forward pass of their last tokens samples their
+        first tokens. Agents arriving a little apart (a burst that missed the idle gathering)
+        join in one step instead of one a step.
+        """
+        import mlx.core as mx
+        from mlx_lm.generate import PromptProcessingBatch
+
+        first_uid = self._gen._uid_count
+        self._gen._uid_count += len(jobs)
+        uids = list(range(first_uid, first_uid + len(jobs)))
+        with mx.stream(self._gen.stream):
+            mx.synchronize(self._gen.stream)  # the decode step still computing is not the prefill's time
+            t0 = time.perf_counter()
+            batch = PromptProcessingBatch(
+                self.model.module, uids, [j.caches for j in jobs],
+                tokens=[list(j.spec.prompt[: j.pos]) for j in jobs],
+                prefill_step_size=self._gen.prefill_step_size,
+                samplers=[make_sampler(j.spec.params, self._vocab) for j in jobs],
+                fallback_sampler=self._gen.sampler,
+                logits_processors=[() for _ in jobs],
+                stop_sequences=[self._gen._default_stop_sequences for _ in jobs],
+                max_tokens=[j.spec.params.max_tokens for j in jobs],
+            )  # fmt: skip
+            joined = batch.generate([list(j.spec.prompt[j.pos :]) for j in jobs])
+            mx.eval(joined._next_tokens)
+            dt = time.perf_counter() - t0
+            self._gen._generation_batch.extend(joined)
+        n = 0
+        for job, uid in zip(jobs, uids, strict=True):
+            n += len(job.spec.prompt) - job.pos
+            job.pos = len(job.spec.prompt)
+            del self._prefills[job.spec.seq_id]
+            self._uid[job.spec.seq_id] = uid
+            self._seq[uid] = job.spec.seq_id
         return dt, n
 
     def step(self) -> list[SeqEvent]:

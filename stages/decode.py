@@ -57,8 +57,8 @@ class DecodeSettings(NoSettings):
         ge=0,
         le=1000,
         description="While others decode, a new short prompt waits (at most this long) while other requests are still on "
-        "their way, so they join in the same step. Off by default: the mlx-lm engine prefills each prompt joining a "
-        "running batch in a chunk of its own, so holding it only delays it; engines that prefill joins together gain.",
+        "their way, so they join in the same step. Off by default: short prompts waiting at the same time are prefilled "
+        "together anyway (mlx-lm engine), so holding mostly delays.",
     )
     prefill_share: float = Field(
         1.0,

@@ -324,3 +324,48 @@ def test_prompts_joining_a_running_batch_decode_as_they_would_alone(mlx, smollm)
     tokens, kvs, _ = mlx.run_sync(partial(run_engine, join_every=3), smollm, [running, SequenceSpec(3, ps[1], None, 0, SamplingParams(max_tokens=1, temperature=0))])
     (first,) = [t for t in tokens[3] if t is not None]
     assert kvs[3].tokens == ps[1] + (first,) and kvs[3].payload[0].offset == len(ps[1]) + 1
+
+
+def test_short_prompts_waiting_together_join_in_one_pass(mlx, smollm):
+    """Short prompts that wait at the same time while others decode (agents arriving a little
+    apart) are prefilled in one batched pass, a cached prefix or not, and all join in that step
+    with their first tokens; each decodes as it would alone."""
+    ps = prompts(smollm)
+    kv = mlx.run_sync(run_engine, smollm, [SequenceSpec(9, ps[0], None, 0, GREEDY)])[1][9]
+    follow = kv.tokens + tuple(smollm.tokenizer.encode("\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n"))
+    running = SequenceSpec(0, ps[3], None, 0, SamplingParams(max_tokens=40, temperature=0))
+    waiting = [
+        SequenceSpec(1, ps[1], None, 0, GREEDY),
+        SequenceSpec(2, follow, kv, len(kv.tokens), GREEDY),
+        SequenceSpec(3, ps[2], None, 0, SamplingParams(max_tokens=6, temperature=0)),
+    ]
+    options = BatchOptions(max_batch=8, prefill_chunk=512, whole_prompt=256)
+
+    def drive():
+        engine = smollm.batch_engine(options)
+        engine.add(running)
+        tokens = {s.seq_id: [] for s in [running, *waiting]}
+        stats = []
+        for step in range(200):
+            if step == 3:
+                for spec in waiting:
+                    engine.add(spec)
+            if not engine.active:
+                break
+            for ev in engine.step():
+                if ev.token is not None:
+                    tokens[ev.seq_id].append(ev.token)
+            stats.append((engine.stats, {k: len(v) for k, v in tokens.items()}))
+        engine.close()
+        return tokens, stats
+
+    tokens, stats = mlx.run_sync(drive)
+    chunks = [(k, s.chunk) for k, (s, _) in enumerate(stats) if s.chunk]
+    cached = len(follow) - len(kv.tokens)
+    assert chunks == [(3, len(ps[1]) + cached + len(ps[2]))]  # one pass, in the step they arrived
+    assert all(stats[3][1][s.seq_id] == 1 for s in waiting)  # each sent its first token in it
+    assert stats[3][1][0] == stats[2][1][0] + 1  # and the running stream got its token too
+    for spec in waiting:
+        fresh = SequenceSpec(spec.seq_id, spec.prompt, None, 0, spec.params)
+        assert tokens[spec.seq_id] == mlx.run_sync(run_engine, smollm, [fresh])[0][spec.seq_id]
+    assert tokens[0] == mlx.run_sync(run_engine, smollm, [running])[0][0]

@@ -102,3 +102,40 @@ def test_reused_window_state_gives_the_cold_output(mlx, gemma):
 
     assert mlx.run_sync(warm) == cold(mlx, gemma, follow)
     assert mlx.run_sync(warm) == cold(mlx, gemma, follow)  # the kept state was not written through
+
+
+def test_prompts_joining_a_running_batch_together_decode_as_alone(mlx, gemma):
+    """Window layers in the batched paths: short prompts waiting together while another decodes
+    are prefilled in one pass (one longer than the window, one shorter), a prompt joins alone
+    beside them, and each decodes as it would on its own."""
+    from semantic.batching import BatchOptions, SequenceSpec
+
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    running = SequenceSpec(0, tuple(range(300, 320)), None, 0, SamplingParams(max_tokens=30, temperature=0))
+    together = [SequenceSpec(1, tuple(range(400, 430)), None, 0, greedy), SequenceSpec(2, tuple(range(500, 505)), None, 0, greedy)]
+    alone = SequenceSpec(3, tuple(range(600, 612)), None, 0, greedy)
+
+    def drive():
+        engine = gemma.batch_engine(BatchOptions(max_batch=8, prefill_chunk=64, whole_prompt=128))
+        engine.add(running)
+        tokens = {s.seq_id: [] for s in [running, *together, alone]}
+        chunks = []
+        for step in range(100):
+            if step == 2:
+                for spec in together:
+                    engine.add(spec)
+            if step == 6:
+                engine.add(alone)
+            if not engine.active:
+                break
+            for ev in engine.step():
+                if ev.token is not None:
+                    tokens[ev.seq_id].append(ev.token)
+            chunks.append(engine.stats.chunk)
+        engine.close()
+        return tokens, [c for c in chunks if c]
+
+    tokens, chunks = mlx.run_sync(drive)
+    assert chunks == [35, 12]  # the two waiting together in one pass; the late one alone
+    for spec in [running, *together, alone]:
+        assert tokens[spec.seq_id] == [t for t in cold(mlx, gemma, list(spec.prompt), spec.params.max_tokens) if t not in (2,)], spec.seq_id
