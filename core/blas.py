@@ -149,11 +149,13 @@ def _build(cc: list[str], lib: Path) -> str | None:
         Path(tmp).unlink(missing_ok=True)
 
 
-# (rows, columns of C, K, lda, ldb, ldc, alpha, beta): K tails of 1..15 (A.B^T); column tails of
+# (rows, columns of C, K, lda, ldb, ldc, alpha, beta): K tails of 1..15 and columns beyond whole
+# groups of four (A.B^T); column tails of
 # 32, 16 and 1..15 and rows beyond 8 and 32 (A.B: more tiles, the helper thread); wider leading
 # dimensions, alpha and beta; C starts as NaN where beta is 0 (BLAS never reads it then).
 _CHECKS = ((1, 7, 37, 37, 37, 7, 1.0, 0.0), (2, 5, 16, 20, 18, 6, 1.0, 0.0), (4, 9, 70, 70, 75, 9, 0.5, 2.0),
-           (3, 4, 31, 33, 31, 4, 1.0, 0.0), (8, 3, 24, 24, 24, 3, -1.5, 0.0), (1, 1, 1, 1, 1, 1, 1.0, 1.0))
+           (3, 4, 31, 33, 31, 4, 1.0, 0.0), (8, 3, 24, 24, 24, 3, -1.5, 0.0), (1, 1, 1, 1, 1, 1, 1.0, 1.0),
+           (3, 6, 64, 64, 64, 6, 0.125, 0.0))
 _NN_CHECKS = ((1, 32, 9, 9, 32, 32, 1.0, 0.0), (11, 53, 20, 21, 60, 55, 0.5, 2.0), (3, 7, 5, 5, 7, 7, 1.0, 0.0),
               (37, 40, 9, 9, 40, 40, 1.0, 0.0), (9, 48, 3, 3, 48, 48, -1.5, 0.0), (2, 1, 1, 1, 1, 1, 1.0, 1.0))
 

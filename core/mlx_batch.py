@@ -319,46 +319,58 @@ class MLXBatchEngine(BatchEngine):
 
     def _whole_group(self, job: _Prefill) -> list[_Prefill]:
         """``job`` and, when it is short, the other short prompts waiting that fit with it in one
-        pass of at most ``whole_prompt`` tokens (counted padded: rows times the longest)."""
-        if not job.whole:
-            return [job]
+        pass of ``whole_prompt`` tokens, counted padded: rows times (the longest prompt left plus
+        the spread of their cached prefixes, which the batch pads to the deepest). A prompt with
+        one token left goes alone."""
         left = lambda j: len(j.spec.prompt) - j.pos  # noqa: E731
-        group, longest = [job], left(job)
-        for other in sorted((j for j in self._prefills.values() if j.whole and j is not job), key=left):
-            if (len(group) + 1) * max(longest, left(other)) > self.options.whole_prompt:
-                break
+        if not job.whole or left(job) < 2:
+            return [job]
+        group = [job]
+        for other in sorted((j for j in self._prefills.values() if j.whole and j is not job and left(j) > 1), key=left):
+            rows = [*group, other]
+            spread = max(j.pos for j in rows) - min(j.pos for j in rows)
+            if len(rows) * (max(left(j) for j in rows) + spread) > self.options.whole_prompt:
+                continue
             group.append(other)
-            longest = max(longest, left(other))
         return group
 
     def _join_together(self, jobs: list[_Prefill]) -> tuple[float, int]:
         """Prefill several short prompts in one batched pass and join them all in this step.
 
-        mlx-lm's prompt batch does it: the prompts right-padded to one length (their caches may
-        hold prefixes of any length), then one forward pass of their last tokens samples their
-        first tokens. Agents arriving a little apart (a burst that missed the idle gathering)
-        join in one step instead of one a step.
+        Their caches (cached prefixes of any length) are merged into one batch cache, the prompts
+        but their last tokens go in one right-padded pass (as mlx-lm's prompt batch does it),
+        and a lean generation batch of their last tokens samples their first tokens from raw
+        logits, as a prompt joining alone does. Agents arriving a little apart (a burst that
+        missed the idle gathering) join in one step instead of one a step.
         """
         import mlx.core as mx
-        from mlx_lm.generate import PromptProcessingBatch
+        from mlx_lm.generate import _merge_caches, _right_pad_prompts
 
         first_uid = self._gen._uid_count
         self._gen._uid_count += len(jobs)
         uids = list(range(first_uid, first_uid + len(jobs)))
+        rest = [list(j.spec.prompt[j.pos : -1]) for j in jobs]  # every job has 2+ tokens left
+        lengths = [len(r) for r in rest]
+        padding = [max(lengths) - n for n in lengths]
         with mx.stream(self._gen.stream):
             mx.synchronize(self._gen.stream)  # the decode step still computing is not the prefill's time
             t0 = time.perf_counter()
-            batch = PromptProcessingBatch(
-                self.model.module, uids, [j.caches for j in jobs],
-                tokens=[list(j.spec.prompt[: j.pos]) for j in jobs],
-                prefill_step_size=self._gen.prefill_step_size,
-                samplers=[make_sampler(j.spec.params, self._vocab) for j in jobs],
-                fallback_sampler=self._gen.sampler,
-                logits_processors=[() for _ in jobs],
-                stop_sequences=[self._gen._default_stop_sequences for _ in jobs],
-                max_tokens=[j.spec.params.max_tokens for j in jobs],
-            )  # fmt: skip
-            joined = batch.generate([list(j.spec.prompt[j.pos :]) for j in jobs])
+            caches = _merge_caches([j.caches for j in jobs])
+            if any(padding):
+                for c in caches:
+                    c.prepare(lengths=lengths, right_padding=padding)
+            self.model.module(_right_pad_prompts(rest, max_length=max(lengths)), cache=caches)
+            if any(padding):
+                for c in caches:
+                    c.finalize()
+            mx.eval([c.state for c in caches])
+            joined = lean_generation_batch()(
+                self.model.module, uids, mx.array([j.spec.prompt[-1] for j in jobs]), caches,
+                [list(j.spec.prompt[:-1]) for j in jobs],
+                [make_sampler(j.spec.params, self._vocab) for j in jobs], self._gen.sampler,
+                [() for _ in jobs], [self._gen._default_stop_sequences for _ in jobs],
+                [j.spec.params.max_tokens for j in jobs],
+            )  # fmt: skip  -- its first step samples the first tokens
             mx.eval(joined._next_tokens)
             dt = time.perf_counter() - t0
             self._gen._generation_batch.extend(joined)

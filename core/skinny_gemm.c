@@ -67,7 +67,7 @@ static inline v16 load(const float *p) { return *(const v16u *)p; }
 
 /* The sums of four 16-lane accumulators, each added up by the same fixed tree: lanes i and i+8,
  * then i and i+4, then neighbours, then pairs (one shuffle-and-add a level for all four). */
-#if defined(__clang__) || __GNUC__ >= 12
+#if (defined(__clang__) || __GNUC__ >= 12) && !defined(SKINNY_LANE_TREE)
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 static inline void sum4(const v16 *acc, float *out) {
@@ -77,11 +77,11 @@ static inline void sum4(const v16 *acc, float *out) {
             __builtin_shufflevector(acc[2], acc[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
   v16 c = __builtin_shufflevector(b01, b23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
           __builtin_shufflevector(b01, b23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  v8 d = __builtin_shufflevector(c, c, 0, 1, 4, 5, 8, 9, 12, 13) + __builtin_shufflevector(c, c, 2, 3, 6, 7, 10, 11, 14, 15);
+  v8 d = __builtin_shufflevector(c, c, 0, 2, 4, 6, 8, 10, 12, 14) + __builtin_shufflevector(c, c, 1, 3, 5, 7, 9, 11, 13, 15);
   v4 e = __builtin_shufflevector(d, d, 0, 2, 4, 6) + __builtin_shufflevector(d, d, 1, 3, 5, 7);
   for (int j = 0; j < 4; j++) out[j] = e[j];
 }
-#else /* the same tree, lane by lane */
+#else /* the same tree, lane by lane (older compilers; -DSKINNY_LANE_TREE for the tests) */
 static inline void sum4(const v16 *acc, float *out) {
   for (int j = 0; j < 4; j++) {
     float h[8], q[4];

@@ -329,7 +329,8 @@ def test_prompts_joining_a_running_batch_decode_as_they_would_alone(mlx, smollm)
 def test_short_prompts_waiting_together_join_in_one_pass(mlx, smollm):
     """Short prompts that wait at the same time while others decode (agents arriving a little
     apart) are prefilled in one batched pass, a cached prefix or not, and all join in that step
-    with their first tokens; each decodes as it would alone."""
+    with their first tokens; each decodes as it would alone, a seeded one as it does joining
+    alone, and the cached prefix they started from is not written."""
     ps = prompts(smollm)
     kv = mlx.run_sync(run_engine, smollm, [SequenceSpec(9, ps[0], None, 0, GREEDY)])[1][9]
     follow = kv.tokens + tuple(smollm.tokenizer.encode("\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n"))
@@ -338,10 +339,10 @@ def test_short_prompts_waiting_together_join_in_one_pass(mlx, smollm):
         SequenceSpec(1, ps[1], None, 0, GREEDY),
         SequenceSpec(2, follow, kv, len(kv.tokens), GREEDY),
         SequenceSpec(3, ps[2], None, 0, SamplingParams(max_tokens=6, temperature=0)),
+        SequenceSpec(4, ps[0], None, 0, SamplingParams(max_tokens=12, temperature=0.9, seed=11)),
     ]
-    options = BatchOptions(max_batch=8, prefill_chunk=512, whole_prompt=256)
-
-    def drive():
+    stored = [(c.keys[..., : c.offset, :].tolist(), c.values[..., : c.offset, :].tolist()) for c in kv.payload[:2]]
+    def drive(options):
         engine = smollm.batch_engine(options)
         engine.add(running)
         tokens = {s.seq_id: [] for s in [running, *waiting]}
@@ -359,13 +360,24 @@ def test_short_prompts_waiting_together_join_in_one_pass(mlx, smollm):
         engine.close()
         return tokens, stats
 
-    tokens, stats = mlx.run_sync(drive)
+    tokens, stats = mlx.run_sync(drive, BatchOptions(max_batch=8, prefill_chunk=512, whole_prompt=512))
     chunks = [(k, s.chunk) for k, (s, _) in enumerate(stats) if s.chunk]
     cached = len(follow) - len(kv.tokens)
-    assert chunks == [(3, len(ps[1]) + cached + len(ps[2]))]  # one pass, in the step they arrived
+    assert chunks == [(3, len(ps[1]) + cached + len(ps[2]) + len(ps[0]))]  # one pass, in the step they arrived
     assert all(stats[3][1][s.seq_id] == 1 for s in waiting)  # each sent its first token in it
     assert stats[3][1][0] == stats[2][1][0] + 1  # and the running stream got its token too
     for spec in waiting:
         fresh = SequenceSpec(spec.seq_id, spec.prompt, None, 0, spec.params)
         assert tokens[spec.seq_id] == mlx.run_sync(run_engine, smollm, [fresh])[0][spec.seq_id]
     assert tokens[0] == mlx.run_sync(run_engine, smollm, [running])[0][0]
+    # the seeded one samples its first token from raw logits, as a prompt joining alone does
+    single = mlx.run_sync(partial(run_engine, join_every=3), smollm, [running, waiting[3]])[0][4]
+    assert tokens[4] == single
+    # a pass counts its rows padded to the deepest cached prefix: with a smaller budget the one
+    # that has a prefix goes apart (first: it has the least left), the three others together
+    budget = 3 * max(len(p) for p in ps[:3])
+    assert budget < 2 * (min(len(p) for p in ps[:3]) + len(kv.tokens))
+    _, stats = mlx.run_sync(drive, BatchOptions(max_batch=8, prefill_chunk=512, whole_prompt=budget))
+    assert [s.chunk for s, _ in stats if s.chunk] == [cached, len(ps[1]) + len(ps[2]) + len(ps[0])]
+    # the stored prefix was copied, not written through
+    assert stored == [(c.keys[..., : c.offset, :].tolist(), c.values[..., : c.offset, :].tolist()) for c in kv.payload[:2]]

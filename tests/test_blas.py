@@ -243,3 +243,38 @@ def test_python_m_semantic_blas_runs_a_command_with_the_preload(preload):
     preloaded, loaded = out.stdout.split()
     assert preloaded.split(":")[: len(preload)] == preload and loaded == preload[0]
     assert subprocess.run([sys.executable, "-m", "semantic.blas"], capture_output=True, text=True).returncode != 0
+
+
+_LANES_CHILD = """
+import ctypes, random, struct, sys
+fast, lanes = (ctypes.CDLL(p).semantic_skinny_gemm for p in sys.argv[1:3])
+rng = random.Random(5)
+differ = []
+for m in range(1, 9):
+    for n in (1, 2, 3, 5, 6, 7, 9, 13):
+        for k in (16, 31, 64, 70):
+            a = (ctypes.c_float * (m * k))(*[rng.uniform(-1, 1) for _ in range(m * k)])
+            b = (ctypes.c_float * (n * k))(*[rng.uniform(-1, 1) for _ in range(n * k)])
+            out = []
+            for f in (fast, lanes):
+                c = (ctypes.c_float * (m * n))()
+                assert f(m, n, k, ctypes.c_float(1.0), a, k, b, k, ctypes.c_float(0.0), c, n)
+                out.append(bytes(c))
+            if out[0] != out[1]:
+                differ.append([m, n, k])
+print(differ)
+"""
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs Linux and a C compiler")
+def test_the_lane_sum_is_the_same_tree_with_or_without_vector_shuffles(preload, tmp_path):
+    """Compilers without __builtin_shufflevector add the lanes one by one: the same tree, so the
+    same bits as the shuffled build (what one machine computes, another build agrees with)."""
+    from semantic.blas import SKINNY_FLAGS, SKINNY_SOURCE
+
+    lanes = tmp_path / "lanes.so"
+    cmd = ["cc", *SKINNY_FLAGS, "-march=native", "-DSKINNY_LANE_TREE", "-o", str(lanes), str(SKINNY_SOURCE), "-ldl", "-lm", "-lpthread"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", _LANES_CHILD, preload[0], str(lanes)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]"]
