@@ -36,7 +36,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from resume_ttft import mlx_lm_server, semantic_server, with_blas  # noqa: E402
+from resume_ttft import CLIENT_TLS, mlx_lm_server, semantic_server, with_blas  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TOPICS = [
@@ -69,7 +69,7 @@ def stream_anthropic(url: str, i: int, max_tokens: int, *, system: str | None = 
         body["system"] = system
     t0 = time.perf_counter()
     times, usage = [], {}
-    with httpx.stream("POST", f"{url}/v1/messages", json=body, headers={"x-agent-id": agent or f"bench-{i}"}, timeout=3600) as r:
+    with httpx.stream("POST", f"{url}/v1/messages", json=body, headers={"x-agent-id": agent or f"bench-{i}"}, timeout=3600, verify=CLIENT_TLS) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data:") and '"text_delta"' in line:
@@ -86,7 +86,7 @@ def stream_openai(url: str, i: int, max_tokens: int) -> dict:
     }  # fmt: skip
     t0 = time.perf_counter()
     times = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=3600) as r:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=3600, verify=CLIENT_TLS) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data:") and '"content"' in line and '"content": ""' not in line:

@@ -26,7 +26,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from resume_ttft import RESULTS, prompt_of, semantic_server  # noqa: E402
+from resume_ttft import CLIENT_TLS, RESULTS, prompt_of, semantic_server  # noqa: E402
 
 
 def run(pipeline: Path, system: str, blas: str, skinny: str) -> dict:
@@ -40,7 +40,7 @@ def run(pipeline: Path, system: str, blas: str, skinny: str) -> dict:
         t0 = time.perf_counter()
         first = last = None
         deltas = 0
-        with httpx.stream("POST", f"{server.url}/v1/messages", json=body, headers={"x-agent-id": f"{blas}-{skinny}"}, timeout=3600) as r:
+        with httpx.stream("POST", f"{server.url}/v1/messages", json=body, headers={"x-agent-id": f"{blas}-{skinny}"}, timeout=3600, verify=CLIENT_TLS) as r:
             for line in r.iter_lines():
                 if "content_block_delta" in line and line.startswith("data:"):
                     last = time.perf_counter()

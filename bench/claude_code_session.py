@@ -30,7 +30,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from resume_ttft import ROOT, mlx_lm_server, semantic_server, with_blas  # noqa: E402
+from resume_ttft import CLIENT_TLS, ROOT, mlx_lm_server, semantic_server, with_blas  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 RECORDED = ROOT / "tests" / "fixtures" / "claude_code"
@@ -52,7 +52,7 @@ def turns_of(first: dict, replies: list[str], n: int) -> dict:
 def semantic_turn(url: str, body: dict, session: str) -> dict:
     t0 = time.perf_counter()
     first, text, usage = None, [], {}
-    with httpx.stream("POST", f"{url}/v1/messages?beta=true", json={**body, "stream": True}, headers={"x-claude-code-session-id": session}, timeout=7200) as r:
+    with httpx.stream("POST", f"{url}/v1/messages?beta=true", json={**body, "stream": True}, headers={"x-claude-code-session-id": session}, timeout=7200, verify=CLIENT_TLS) as r:
         r.raise_for_status()
         event = None
         for line in r.iter_lines():
@@ -84,7 +84,7 @@ def openai_body(body: dict) -> dict:
 def mlx_lm_turn(url: str, body: dict) -> dict:
     t0 = time.perf_counter()
     first, text = None, []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=openai_body(body), timeout=7200) as r:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=openai_body(body), timeout=7200, verify=CLIENT_TLS) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":

@@ -27,7 +27,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from resume_ttft import mlx_lm_server, semantic_server, with_blas  # noqa: E402
+from resume_ttft import CLIENT_TLS, mlx_lm_server, semantic_server, with_blas  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PREAMBLE = "You are one of several assistants working on a shared research project about the history of science. " * 20
@@ -40,7 +40,7 @@ def turn(url: str, model: str, history: list[dict], max_tokens: int, session: st
         body["session_id"] = session
     t0 = time.perf_counter()
     first, text, usage = None, [], {}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=3600) as r:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=3600, verify=CLIENT_TLS) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":

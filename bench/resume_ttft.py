@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
+#: Passed as ``verify`` to every client here: built once, because each new httpx client otherwise
+#: loads the CA bundle (~50 ms of CPU, even for plain http), which would be timed as the server's
+#: (into TTFT, and spreading a burst of concurrent requests over a few hundred ms).
+CLIENT_TLS = ssl.create_default_context()
 SENTENCE = "The archive keeps a careful record of every ship that entered the harbour that year. "
 
 
@@ -69,7 +74,7 @@ def ttft_anthropic(url: str, system: str, user: str, agent: str) -> tuple[float,
     t0 = time.perf_counter()
     first = None
     usage = {}
-    with httpx.stream("POST", f"{url}/v1/messages", json=body, headers={"x-agent-id": agent}, timeout=3600) as r:
+    with httpx.stream("POST", f"{url}/v1/messages", json=body, headers={"x-agent-id": agent}, timeout=3600, verify=CLIENT_TLS) as r:
         for line in r.iter_lines():
             if first is None and "content_block_delta" in line:
                 first = time.perf_counter() - t0
@@ -87,7 +92,7 @@ def ttft_openai(url: str, system: str, user: str) -> float:
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
     }
     t0 = time.perf_counter()
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=3600) as r:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=3600, verify=CLIENT_TLS) as r:
         for line in r.iter_lines():
             if line.startswith("data:") and '"content"' in line:
                 return time.perf_counter() - t0
@@ -118,7 +123,7 @@ def mlx_lm_server(model_dir: Path, port: int, *extra: str, blas: str | None = No
     proc.url = f"http://127.0.0.1:{port}"
     for _ in range(60):
         try:
-            httpx.get(f"{proc.url}/v1/models", timeout=2)
+            httpx.get(f"{proc.url}/v1/models", timeout=2, verify=CLIENT_TLS)
             break
         except httpx.HTTPError:
             time.sleep(1)
@@ -168,10 +173,10 @@ def main() -> None:
             row["memory_speedup_vs_cold"] = row["cold_s"] / row["memory_hit_s"]
         if args.share_tokens:
             system = prompt_of(args.share_tokens, tokenizer)
-            before = httpx.get(f"{server.url}/health").json()["counters"]
+            before = httpx.get(f"{server.url}/health", verify=CLIENT_TLS).json()["counters"]
             for i in range(8):
                 ttft_anthropic(server.url, system, f"Agent {i}. " + prompt_of(args.tail_tokens, tokenizer), f"share{i}")
-            counters = httpx.get(f"{server.url}/health").json()["counters"]
+            counters = httpx.get(f"{server.url}/health", verify=CLIENT_TLS).json()["counters"]
             per_token = 2 * 30 * 3 * 64 * 4
             one_agent_and_tails = per_token * (args.share_tokens + 8 * args.tail_tokens)
             used = counters.get("cache_bytes", 0) - before.get("cache_bytes", 0) + counters.get("cache_tail_bytes", 0) - before.get("cache_tail_bytes", 0)
