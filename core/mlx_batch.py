@@ -1,8 +1,9 @@
 """Continuous batching for mlx-lm models: mlx-lm's ``BatchGenerator`` behind :class:`BatchEngine`.
 
 ``BatchGenerator`` runs one decode step for the generation batch on every ``next()``. Prompts
-arriving on an idle engine (nothing decoding; up to ``idle_whole_tokens`` in all) go into it and
-are prefilled together in one batched pass, the way a burst of new agents is best served. A
+arriving on an idle engine (nothing decoding, even while a long prompt is prefilled in chunks; up
+to ``idle_whole_tokens`` in all) go into it and are prefilled together in one batched pass, the
+way a burst of new agents is best served: agents that finished together start again together. A
 prompt arriving while others decode is prefilled by this engine on a cache of its own, one chunk
 after each decode step: a short prompt (``whole_prompt``) in one chunk, a long one in chunks
 sized to take about ``prefill_share`` × a plain decode step, steered by its own chunks' times (a
@@ -10,8 +11,9 @@ pass has a fixed part and attention grows with depth, so chunks shrink as the pr
 deeper); with nothing decoding, chunks are ``prefill_chunk`` tokens. Turns alternate between the
 prompt with the least left and the oldest, so short prompts overtake a long one; short prompts
 waiting at the same time are prefilled together in one pass and join in one step. The chunk that
-ends a prompt includes its last token and samples the first token, and the sequence joins the
-generation batch ready to decode: no extra forward pass and no extra decode step for the others.
+ends a prompt includes its last token and samples the first token from the logits of that
+position only (:func:`last_logits`), and the sequence joins the generation batch ready to decode:
+no extra forward pass and no extra decode step for the others.
 Running streams keep their pace while a 7K-token prompt is prefilled.
 
 Cache injection: a sequence starts from the prefix cache-lookup joined (``insert(caches=...)``
@@ -36,8 +38,9 @@ if TYPE_CHECKING:
 #: Weight of the newest measurement in the running averages of step and prefill times.
 EMA = 0.5
 
-#: A prompt's last chunk computes the logits of all its positions in one pass up to this many
-#: values (chunk tokens × vocabulary; 8 MB of float32); a bigger one runs its last token apart.
+#: Without a final norm to cut at (see :func:`last_logits`), a prompt's last chunk computes the
+#: logits of all its positions in one pass up to this many values (chunk tokens × vocabulary; 8 MB
+#: of float32); a bigger one runs its last token apart.
 LOGITS_ONE_PASS = 1 << 21
 
 
@@ -157,6 +160,45 @@ def lean_generation_batch() -> type:
     return LeanGenerationBatch
 
 
+class _LastPosition:
+    """Stands in for a model's final norm: normalizes only the last position, so the head that
+    follows projects one row onto the vocabulary instead of every position of a prompt chunk."""
+
+    def __init__(self, norm: Any) -> None:
+        self.norm = norm
+
+    def __call__(self, h: Any) -> Any:
+        return self.norm(h[:, -1:, :])
+
+
+def last_logits(module: Any, tokens: Any, caches: list[Any], vocab: int) -> Any:
+    """The logits of the last position of ``tokens`` (shape (1, n)) run through ``module`` on
+    ``caches``, shape (1, vocab).
+
+    mlx-lm models end with their inner model's final norm (``module.model.norm``) and a head over
+    every position: the norm is swapped for one that keeps the last position only (the caches get
+    the same keys and values either way). A model without that norm runs a long chunk's last
+    token in a pass of its own beyond ``LOGITS_ONE_PASS``.
+    """
+    import mlx.core as mx
+
+    inner = getattr(module, "model", None)
+    norm = getattr(inner, "norm", None)
+    if norm is not None and callable(norm) and "norm" not in vars(inner):
+        # an instance attribute shadows the module's child for this pass (its parameters stay)
+        object.__setattr__(inner, "norm", _LastPosition(norm))
+        try:
+            return module(tokens, cache=caches)[:, -1, :]
+        finally:
+            object.__delattr__(inner, "norm")
+    n = tokens.shape[1]
+    if n > 1 and n * vocab > LOGITS_ONE_PASS:
+        module(tokens[:, :-1], cache=caches)
+        mx.eval([c.state for c in caches])
+        tokens = tokens[:, -1:]
+    return module(tokens, cache=caches)[:, -1, :]
+
+
 def _ema(old: float | None, new: float) -> float:
     return new if old is None else EMA * new + (1 - EMA) * old
 
@@ -209,7 +251,9 @@ class MLXBatchEngine(BatchEngine):
     def add(self, spec: SequenceSpec) -> None:
         start = spec.prefix_len if spec.prefix is not None else 0
         remaining = len(spec.prompt) - start
-        idle = not self._decoding and not self._prefills  # no running stream to keep smooth
+        # no running stream to keep smooth (a long prompt may be prefilling in chunks): prompts
+        # arriving together are prefilled in one batch and decode in step, as they do at the start
+        idle = not self._decoding
         if idle and self._idle_tokens + remaining <= self.options.idle_whole_tokens:
             self._idle_tokens += remaining  # prompts arriving together on an idle engine: one batched prefill
             self._insert(spec, self._start_cache(spec), start)
@@ -280,21 +324,19 @@ class MLXBatchEngine(BatchEngine):
         final = job.pos + n == len(prompt)
         first = sampler = None
         with mx.stream(self._gen.stream):
-            mx.synchronize(self._gen.stream)  # the decode step still computing is not the chunk's time
-            t0 = time.perf_counter()
-            tokens = list(prompt[job.pos : job.pos + n])
-            if final and n > 1 and n * self._vocab > LOGITS_ONE_PASS:
-                # the model projects every position onto the vocabulary, and only the last one's
-                # logits are wanted: a big chunk goes without them, its last token on its own
-                self.model.module(mx.array([tokens[:-1]]), cache=job.caches)
-                mx.eval([c.state for c in job.caches])
-                tokens = tokens[-1:]
-            logits = self.model.module(mx.array([tokens]), cache=job.caches)
-            outputs: list[Any] = [c.state for c in job.caches]
+            # the chunk's graph is built while the decode step mlx-lm left computing runs on (a
+            # pass's graph takes ~15 ms of Python here); the chunk's time is its compute after it
+            tokens = mx.array([prompt[job.pos : job.pos + n]])
+            outputs: list[Any] = []
             if final:  # the sequence's sampler (and its seed) lives on in the batch from here
                 sampler = make_sampler(spec.params, self._vocab) or self._gen.sampler
-                first = sampler(logits[:, -1, :])
+                first = sampler(last_logits(self.model.module, tokens, job.caches, self._vocab))
                 outputs.append(first)
+            else:
+                self.model.module(tokens, cache=job.caches)  # no logits wanted: never evaluated
+            outputs += [c.state for c in job.caches]
+            mx.synchronize(self._gen.stream)
+            t0 = time.perf_counter()
             mx.eval(outputs)
             dt = time.perf_counter() - t0
         job.pos += n
@@ -403,16 +445,17 @@ class MLXBatchEngine(BatchEngine):
                     self._base_s = _ema(self._base_s, per_step + st.prompt_time)
             events = self._events(responses)
         chunk = 0
-        if self._prefills and not (prefill_tokens and self._decoding):
+        if self._prefills and not prefill_tokens:
             # a step that already prefilled prompts inside the batch takes no chunk too: streams
-            # would wait for both at once
+            # would wait for both at once, and prompts just gathered on an idle engine would wait
+            # for a long prompt's chunk before their first tokens
             dt, chunk = self._prefill_chunk()
             prefill_s += dt
             prefill_tokens += chunk
         self._chunked = bool(chunk)
         events = self._first_tokens() + events
         self.stats = StepStats(decode_s, prefill_s, prefill_tokens, len(events), chunk)
-        if self._decoding or self._prefills:
+        if self._decoding:
             self._idle_tokens = 0
         return events
 

@@ -301,11 +301,106 @@ def test_prompts_arriving_on_an_idle_engine_are_prefilled_together(mlx, smollm):
     assert len(alone) > 1  # without it: the long prompts one after the other, in chunks
 
 
-def test_prompts_joining_a_running_batch_decode_as_they_would_alone(mlx, smollm):
-    """The engine-prefilled join: from a cached prefix, taken whole when long (its last token then
-    runs apart: no logits for every position), and with a single token to generate."""
-    from semantic.mlx_batch import LOGITS_ONE_PASS
+def last_row_check(module, tokens, exact=True):
+    """``last_logits`` against the model's own logits of every position (fresh caches each);
+    ``exact``: one pass, so the same keys and values bit for bit."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
 
+    from semantic.mlx_batch import last_logits
+
+    full_cache, last_cache = make_prompt_cache(module), make_prompt_cache(module)
+    full = module(mx.array([tokens]), cache=full_cache)[:, -1, :]
+    last = last_logits(module, mx.array([tokens]), last_cache, full.shape[-1])
+    assert last.shape == full.shape and mx.allclose(last, full, atol=1e-4).item()  # a split pass rounds apart
+    assert mx.argmax(last).item() == mx.argmax(full).item()
+    for a, b in zip(full_cache, last_cache, strict=True):
+        assert a.offset == b.offset == len(tokens)  # the same keys and values go in
+        for x, y in zip(a.state[:2], b.state[:2], strict=True):
+            x, y = x[..., : len(tokens), :], y[..., : len(tokens), :]
+            assert (mx.array_equal(x, y) if exact else mx.allclose(x, y, atol=1e-5)).item()
+    return "norm" not in vars(getattr(module, "model", module))  # the model is left as it was
+
+
+def test_a_prompt_chunk_projects_only_its_last_position(mlx, smollm):
+    """The chunk that ends a prompt wants the logits of its last position only: the final norm is
+    cut to that row for the pass (the head then projects one row, not 100), and a model without a
+    final norm to cut (here a wrapper) gets the same logits from the plain pass."""
+
+    class Wrapped:
+        def __init__(self, module):
+            self.module, self.layers = module, module.layers  # make_prompt_cache reads .layers
+
+        def __call__(self, inputs, cache):
+            return self.module(inputs, cache=cache)
+
+    tokens = list(smollm.tokenizer.encode("the quick brown fox jumps over the lazy dog " * 10))
+    assert len(tokens) * smollm.module.args.vocab_size > 1 << 21  # the wrapper runs the last token apart
+    assert mlx.run_sync(last_row_check, smollm.module, tokens)
+    assert mlx.run_sync(last_row_check, Wrapped(smollm.module), tokens, False)  # its last token in a pass of its own
+
+
+def test_prompts_arriving_while_nothing_decodes_beside_a_long_prefill_start_together(mlx, smollm):
+    """A long prompt is prefilled in chunks; once nothing decodes, prompts arriving together go
+    into one batched prefill (not one chunked join each) and start decoding in the same step, as on
+    an idle engine: agents that finished together stay in step. That step takes no chunk of the
+    long prompt (they would wait for it). Everyone decodes as alone."""
+    ps = prompts(smollm)
+    long_prompt = tuple(smollm.tokenizer.encode_chat([ChatMessage("user", "Summarize: " + "the quick brown fox jumps over the lazy dog. " * 30)]))
+    options = BatchOptions(max_batch=8, prefill_chunk=64, whole_prompt=16)
+    running = SequenceSpec(0, ps[2], None, 0, SamplingParams(max_tokens=3, temperature=0))
+    arriving = [SequenceSpec(i, ps[i], None, 0, GREEDY) for i in (1, 3)]
+    long = SequenceSpec(9, long_prompt, None, 0, SamplingParams(max_tokens=4, temperature=0))
+
+    def drive():
+        engine = smollm.batch_engine(options)
+        engine.add(running)
+        tokens, first_step, waiting = {s.seq_id: [] for s in [running, long, *arriving]}, {}, list(arriving)
+        batch_prefills = []  # chunks taken in steps that prefilled prompts inside the batch
+        for step in range(400):
+            if step == 1:
+                engine.add(long)  # beside a decoding sequence: chunked on its own cache
+            if waiting and step > 1 and not engine._decoding and long.seq_id in engine._prefills:
+                for spec in waiting:
+                    engine.add(spec)
+                waiting = []
+            if not engine.active and not waiting:
+                break
+            for ev in engine.step():
+                if ev.token is not None:
+                    tokens[ev.seq_id].append(ev.token)
+                    first_step.setdefault(ev.seq_id, step)
+            if engine.stats.prefill_tokens > engine.stats.chunk:
+                batch_prefills.append(engine.stats.chunk)
+        engine.close()
+        return tokens, first_step, waiting, batch_prefills
+
+    tokens, first_step, waiting, batch_prefills = mlx.run_sync(drive)
+    assert not waiting  # they arrived while the long prompt was still being prefilled
+    assert batch_prefills and not any(batch_prefills)
+    assert first_step[1] == first_step[3] < first_step[9]
+    for spec in [running, long, *arriving]:
+        assert tokens[spec.seq_id] == mlx.run_sync(partial(run_engine, options=options), smollm, [spec])[0][spec.seq_id]
+
+
+def test_decode_gathers_a_burst_while_nothing_decodes_beside_a_long_prefill(mlx, smollm):
+    """Nothing decodes while a long prompt is prefilled in chunks: prompts arriving a little apart
+    then are gathered as on an idle engine and start in one step (agents that finished together
+    start again together, and stay in step)."""
+    from semantic.stages.decode import DecodeSettings
+    from test_stages import _arrivals
+
+    long = ("Summarize: " + "the quick brown fox jumps over the lazy dog. " * 80, 0.8)  # past the gathering
+    sends = [long, *((f"question {i}", 0.08) for i in range(3))]
+    settings = DecodeSettings(prefill_chunk=16, whole_prompt=16, idle_whole_tokens=0, idle_gather_ms=100)
+    added, out, _ = _arrivals(smollm, settings, sends, upstream=4, worker=mlx)
+    assert len(out) == 4
+    assert added[0] == 0 and 0 < added[1] == added[2] == added[3]
+
+
+def test_prompts_joining_a_running_batch_decode_as_they_would_alone(mlx, smollm):
+    """The engine-prefilled join: from a cached prefix, taken whole when long (the last position's
+    logits only), and with a single token to generate."""
     ps = prompts(smollm)
     running = SequenceSpec(0, ps[3], None, 0, SamplingParams(max_tokens=60, temperature=0))
     kv = mlx.run_sync(run_engine, smollm, [SequenceSpec(1, ps[0], None, 0, GREEDY)])[1][1]
@@ -316,7 +411,6 @@ def test_prompts_joining_a_running_batch_decode_as_they_would_alone(mlx, smollm)
 
     long_prompt = tuple(smollm.tokenizer.encode_chat([ChatMessage("user", "Summarize: " + "the quick brown fox jumps over the lazy dog. " * 20)]))
     whole = BatchOptions(max_batch=4, prefill_chunk=512, whole_prompt=10_000)
-    assert len(long_prompt) * smollm.module.args.vocab_size > LOGITS_ONE_PASS  # the last token apart
     alone = mlx.run_sync(partial(run_engine, options=whole), smollm, [SequenceSpec(2, long_prompt, None, 0, GREEDY)])[0][2]
     joined, _, stats = mlx.run_sync(partial(run_engine, join_every=3, options=whole), smollm, [running, SequenceSpec(2, long_prompt, None, 0, GREEDY)])
     assert joined[2] == alone and [s.chunk for s, _ in stats if s.chunk] == [len(long_prompt)]

@@ -104,6 +104,12 @@ def test_reused_window_state_gives_the_cold_output(mlx, gemma):
     assert mlx.run_sync(warm) == cold(mlx, gemma, follow)  # the kept state was not written through
 
 
+def test_a_prompt_chunk_projects_only_its_last_position(mlx, gemma):
+    from test_batching_mlx import last_row_check
+
+    assert mlx.run_sync(last_row_check, gemma.module, list(range(100, 140)))  # past the window
+
+
 def test_prompts_joining_a_running_batch_together_decode_as_alone(mlx, gemma):
     """Window layers in the batched paths: short prompts waiting together while another decodes
     are prefilled in one pass (one longer than the window, one shorter), a prompt joins alone

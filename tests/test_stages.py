@@ -389,15 +389,16 @@ def test_persist_stores_new_blocks_and_the_tail(scripted):
 
 
 
-def _arrivals(model, settings, sends, upstream=0, arriving=0):
+def _arrivals(model, settings, sends, upstream=0, arriving=0, worker=True):
     """Run decode on ``sends`` — (prompt text, pause after it) — sent one by one, the engine's
     steps counted. Returns the steps taken when each sequence was added (in order), the outputs,
     and the upstream count left (``upstream``: requests the pipeline counts on their way;
-    ``arriving``: requests the server says it is reading, throughout)."""
+    ``arriving``: requests the server says it is reading, throughout; ``worker``: as for
+    ``stage_context``)."""
     added: dict[int, int] = {}
 
     async def main():
-        async with stage_context(model=model) as ctx:
+        async with stage_context(model=model, worker=worker) as ctx:
             ctx.upstream, ctx.arriving = upstream, arriving
             stage = Decode(settings, ctx)
             in_send, in_recv = trio.open_memory_channel(0)
