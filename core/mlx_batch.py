@@ -160,6 +160,11 @@ def lean_generation_batch() -> type:
     return LeanGenerationBatch
 
 
+#: mlx-lm model types whose inner model calls its final norm once, as its last step (checked in
+#: their sources); others (a looped model normalizes after every loop) take the plain path.
+FINAL_NORM_ONCE = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt_oss"})
+
+
 class _LastPosition:
     """Stands in for a model's final norm: normalizes only the last position, so the head that
     follows projects one row onto the vocabulary instead of every position of a prompt chunk."""
@@ -167,8 +172,8 @@ class _LastPosition:
     def __init__(self, norm: Any) -> None:
         self.norm = norm
 
-    def __call__(self, h: Any) -> Any:
-        return self.norm(h[:, -1:, :])
+    def __call__(self, h: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.norm(h[:, -1:, :], *args, **kwargs)
 
 
 def last_logits(module: Any, tokens: Any, caches: list[Any], vocab: int) -> Any:
@@ -176,15 +181,14 @@ def last_logits(module: Any, tokens: Any, caches: list[Any], vocab: int) -> Any:
     ``caches``, shape (1, vocab).
 
     mlx-lm models end with their inner model's final norm (``module.model.norm``) and a head over
-    every position: the norm is swapped for one that keeps the last position only (the caches get
-    the same keys and values either way). A model without that norm runs a long chunk's last
-    token in a pass of its own beyond ``LOGITS_ONE_PASS``.
+    every position: for the types in ``FINAL_NORM_ONCE`` the norm is swapped for one that keeps
+    the last position only (the caches get the same keys and values either way). Other models
+    run a long chunk's last token in a pass of its own beyond ``LOGITS_ONE_PASS``.
     """
-    import mlx.core as mx
-
     inner = getattr(module, "model", None)
     norm = getattr(inner, "norm", None)
-    if norm is not None and callable(norm) and "norm" not in vars(inner):
+    known = getattr(module, "model_type", None) in FINAL_NORM_ONCE
+    if known and norm is not None and callable(norm) and "norm" not in vars(inner):
         # an instance attribute shadows the module's child for this pass (its parameters stay)
         object.__setattr__(inner, "norm", _LastPosition(norm))
         try:
@@ -193,8 +197,7 @@ def last_logits(module: Any, tokens: Any, caches: list[Any], vocab: int) -> Any:
             object.__delattr__(inner, "norm")
     n = tokens.shape[1]
     if n > 1 and n * vocab > LOGITS_ONE_PASS:
-        module(tokens[:, :-1], cache=caches)
-        mx.eval([c.state for c in caches])
+        module(tokens[:, :-1], cache=caches)  # its logits are never evaluated
         tokens = tokens[:, -1:]
     return module(tokens, cache=caches)[:, -1, :]
 
@@ -251,9 +254,10 @@ class MLXBatchEngine(BatchEngine):
     def add(self, spec: SequenceSpec) -> None:
         start = spec.prefix_len if spec.prefix is not None else 0
         remaining = len(spec.prompt) - start
-        # no running stream to keep smooth (a long prompt may be prefilling in chunks): prompts
-        # arriving together are prefilled in one batch and decode in step, as they do at the start
-        idle = not self._decoding
+        # no running stream to keep smooth (a long prompt may be prefilling in chunks; short ones
+        # waiting go first): prompts arriving together are prefilled in one batch and decode in
+        # step, as they do at the start
+        idle = not self._decoding and all(not j.whole for j in self._prefills.values())
         if idle and self._idle_tokens + remaining <= self.options.idle_whole_tokens:
             self._idle_tokens += remaining  # prompts arriving together on an idle engine: one batched prefill
             self._insert(spec, self._start_cache(spec), start)

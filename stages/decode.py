@@ -158,7 +158,7 @@ class Decode(Stage):
     async def _take(self, inbox, wait: bool) -> bool:
         """Move arrivals into the batch while it has room; False once the inbox is closed.
 
-        On an idle engine (nothing decoding: a long prompt may be prefilling in chunks), a new
+        On an idle engine (nothing decoding; long prompts may be prefilling in chunks), a new
         prompt waits for more arrivals (the ``idle_gather_ms`` gap) so that a burst is prefilled in
         one batch, not one by one, and agents that finished together start again together: one
         that needs a long prefill always (one gap), a short one while other requests are on their
@@ -166,7 +166,9 @@ class Decode(Stage):
         once); a lone short request never waits.
         """
         room = self.options.max_batch - len(self._seqs)
-        idle, gap = not any(s.count for s in self._seqs.values()), self.settings.idle_gather_ms / 1000
+        # idle: nothing decodes, and any sequence in the batch is a long prompt being prefilled
+        idle = all(not s.count and self._long_prefill(s.item) for s in self._seqs.values())
+        gap = self.settings.idle_gather_ms / 1000
         gather_until = cap = None
         long_seen = False
         tried_again = False

@@ -307,11 +307,18 @@ def last_row_check(module, tokens, exact=True):
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    from semantic.mlx_batch import last_logits
+    from semantic.mlx_batch import _LastPosition, last_logits
 
     full_cache, last_cache = make_prompt_cache(module), make_prompt_cache(module)
     full = module(mx.array([tokens]), cache=full_cache)[:, -1, :]
-    last = last_logits(module, mx.array([tokens]), last_cache, full.shape[-1])
+    rows = []  # what the final norm passes on to the head, when it is cut
+    cut = _LastPosition.__call__
+    _LastPosition.__call__ = lambda self, h, *a, **k: rows.append(h.shape[1]) or cut(self, h, *a, **k)
+    try:
+        last = last_logits(module, mx.array([tokens]), last_cache, full.shape[-1])
+    finally:
+        _LastPosition.__call__ = cut
+    assert rows == ([len(tokens)] if exact else [])  # one row of every position goes on to the head
     assert last.shape == full.shape and mx.allclose(last, full, atol=1e-4).item()  # a split pass rounds apart
     assert mx.argmax(last).item() == mx.argmax(full).item()
     for a, b in zip(full_cache, last_cache, strict=True):
@@ -390,8 +397,8 @@ def test_decode_gathers_a_burst_while_nothing_decodes_beside_a_long_prefill(mlx,
     from semantic.stages.decode import DecodeSettings
     from test_stages import _arrivals
 
-    long = ("Summarize: " + "the quick brown fox jumps over the lazy dog. " * 80, 0.8)  # past the gathering
-    sends = [long, *((f"question {i}", 0.08) for i in range(3))]
+    long = ("Summarize: " + "the quick brown fox jumps over the lazy dog. " * 120, 0.6)  # past the gathering
+    sends = [long, *((f"question {i}", 0.05) for i in range(3))]
     settings = DecodeSettings(prefill_chunk=16, whole_prompt=16, idle_whole_tokens=0, idle_gather_ms=100)
     added, out, _ = _arrivals(smollm, settings, sends, upstream=4, worker=mlx)
     assert len(out) == 4
